@@ -1,0 +1,43 @@
+"""peftkit: parameter-efficient fine-tuning of language models.
+
+    model = AutoModelForCausalLM.from_pretrained(path)
+    peftkit.inject(model, peftkit.LoraConfig(r=8, alpha=16, target_modules=["q_proj", "v_proj"]))
+    print(peftkit.count_parameters(model))
+    peftkit.save_adapter(model, "out/adapter")        # PEFT-format folder
+"""
+
+from peftkit.core.adapter import (
+    ParamCount,
+    count_parameters,
+    disable_adapters,
+    mark_only_adapters_trainable,
+    set_active,
+)
+from peftkit.core.config import ConfigError
+from peftkit.core.inject import delete_adapter, inject, merge, unload, unmerge
+from peftkit.core.io import AdapterFileError, adapter_state_dict, load_adapter, save_adapter
+from peftkit.core.registry import get_method, list_methods
+from peftkit.methods.lora import LoraConfig
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AdapterFileError",
+    "ConfigError",
+    "LoraConfig",
+    "ParamCount",
+    "adapter_state_dict",
+    "count_parameters",
+    "delete_adapter",
+    "disable_adapters",
+    "get_method",
+    "inject",
+    "list_methods",
+    "load_adapter",
+    "mark_only_adapters_trainable",
+    "merge",
+    "save_adapter",
+    "set_active",
+    "unload",
+    "unmerge",
+]

@@ -1,0 +1,225 @@
+"""What every method shares: the adapter-layer protocol and the generic helpers built on it.
+
+Adapter parameters are found by what they are (modules deriving from :class:`AdapterLayer`), never by
+matching parameter names, so freezing, counting, disabling, saving and merging are written once.
+
+Each adapter layer keeps its weights in ``nn.ModuleDict``/``nn.ParameterDict`` attributes keyed by
+adapter name (``q_proj.lora_A.default.weight``), which is also Hugging Face PEFT's layout: several named
+adapters can live on one model, and file keys are the module keys with the adapter name removed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+DEFAULT_ADAPTER = "default"
+STATE_ATTR = "peftkit_state"
+
+
+class AdapterLayer(nn.Module):
+    """Base of every module a method inserts.
+
+    Subclasses list in ``adapter_attrs`` the ``ModuleDict``/``ParameterDict`` attributes that hold
+    per-adapter weights, and implement ``forward``; merging methods also implement ``delta_weight``
+    (or override ``merge``/``unmerge``).
+    """
+
+    adapter_attrs: tuple[str, ...] = ()
+    mergeable: bool = False
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.active_adapters: list[str] = []
+        self.merged_adapters: list[str] = []
+        self.disabled = False
+
+    # -- bookkeeping -----------------------------------------------------------------
+    def adapter_names(self) -> list[str]:
+        first = getattr(self, self.adapter_attrs[0])
+        return list(first.keys())
+
+    def adapter_named_parameters(self, adapter: str) -> Iterator[tuple[str, nn.Parameter]]:
+        """``(key_without_adapter_name, parameter)`` for one adapter, in PEFT's file-key form."""
+        for attr in self.adapter_attrs:
+            container = getattr(self, attr)
+            if adapter not in container:
+                continue
+            item = container[adapter]
+            if isinstance(item, nn.Parameter):
+                yield attr, item
+            else:
+                for sub, p in item.named_parameters():
+                    yield f"{attr}.{sub}", p
+
+    def delete_adapter(self, adapter: str) -> None:
+        if adapter in self.merged_adapters:
+            raise ValueError(f"adapter {adapter!r} is merged; unmerge it before deleting it")
+        for attr in self.adapter_attrs:
+            container = getattr(self, attr)
+            if adapter in container:
+                del container[adapter]
+        self.active_adapters = [a for a in self.active_adapters if a != adapter]
+
+    # -- merging ------------------------------------------------------------------------
+    def merge(self, adapters: list[str] | None = None) -> None:
+        if not self.mergeable:
+            raise TypeError(f"{type(self).__name__} cannot be merged into the base weights")
+        for name in adapters or self.active_adapters:
+            if name in self.merged_adapters:
+                continue
+            self._apply_delta(name, +1.0)
+            self.merged_adapters.append(name)
+
+    def unmerge(self) -> None:
+        while self.merged_adapters:
+            self._apply_delta(self.merged_adapters.pop(), -1.0)
+
+    def _apply_delta(self, adapter: str, sign: float) -> None:
+        weight = self.base_layer.weight
+        delta = self.delta_weight(adapter)
+        with torch.no_grad():
+            weight.add_(delta.to(weight.dtype), alpha=sign)
+
+    def delta_weight(self, adapter: str) -> torch.Tensor:  # pragma: no cover - abstract
+        raise TypeError(f"{type(self).__name__} defines no weight delta")
+
+    @property
+    def merged(self) -> bool:
+        return bool(self.merged_adapters)
+
+    def use_adapters(self) -> list[str]:
+        """Adapters to compute in forward: none when disabled (merged ones are unmerged first)."""
+        if self.disabled:
+            if self.merged:
+                self.unmerge()
+            return []
+        return [a for a in self.active_adapters if a not in self.merged_adapters]
+
+
+@dataclass
+class AdapterState:
+    """Per-model record of the adapters attached to it (stored as ``model.peftkit_state``)."""
+
+    configs: dict[str, Any] = field(default_factory=dict)
+    targets: dict[str, list[str]] = field(default_factory=dict)
+    active: list[str] = field(default_factory=list)
+
+
+def get_state(model: nn.Module) -> AdapterState:
+    state = getattr(model, STATE_ATTR, None)
+    if state is None:
+        raise ValueError("this model has no peftkit adapters: call peftkit.inject(model, config) first")
+    return state
+
+
+def ensure_state(model: nn.Module) -> AdapterState:
+    if getattr(model, STATE_ATTR, None) is None:
+        # object.__setattr__: a plain attribute, not a submodule or buffer
+        object.__setattr__(model, STATE_ATTR, AdapterState())
+    return getattr(model, STATE_ATTR)
+
+
+def adapter_layers(model: nn.Module) -> Iterator[tuple[str, AdapterLayer]]:
+    for name, mod in model.named_modules():
+        if isinstance(mod, AdapterLayer):
+            yield name, mod
+
+
+def adapter_parameters(model: nn.Module, adapter: str | None = None) -> Iterator[tuple[str, nn.Parameter]]:
+    """``(file_key, parameter)`` for the adapter's own parameters, keys as in PEFT files (no prefix)."""
+    state = get_state(model)
+    names = [adapter] if adapter else list(state.configs)
+    for layer_name, layer in adapter_layers(model):
+        for a in names:
+            for key, p in layer.adapter_named_parameters(a):
+                yield f"{layer_name}.{key}" if layer_name else key, p
+    for a in names:
+        for key, p in _extra_trainable(model, state.configs[a]):
+            yield key, p
+
+
+def _extra_trainable(model: nn.Module, config: Any) -> Iterator[tuple[str, nn.Parameter]]:
+    """Base parameters a config asks to train and save too: biases (``bias``) and ``modules_to_save``."""
+    bias = getattr(config, "bias", "none")
+    extra = list(getattr(config, "modules_to_save", None) or [])
+    adapter_ids = {id(p) for _, layer in adapter_layers(model) for a in layer.adapter_names()
+                   for _, p in layer.adapter_named_parameters(a)}
+    for name, p in model.named_parameters():
+        if id(p) in adapter_ids:
+            continue
+        module_name = name.rsplit(".", 1)[0]
+        if any(module_name == m or module_name.endswith("." + m) for m in extra):
+            yield name, p
+        elif name.endswith(".bias") and (bias == "all" or (bias == "lora_only" and ".base_layer." in name)):
+            yield name, p
+
+
+def mark_only_adapters_trainable(model: nn.Module) -> None:
+    """Freeze everything, then unfreeze the active adapters' parameters."""
+    state = get_state(model)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for a in state.active:
+        for _, p in adapter_parameters(model, a):
+            p.requires_grad_(True)
+
+
+@dataclass(frozen=True)
+class ParamCount:
+    trainable: int
+    total: int
+
+    @property
+    def percent(self) -> float:
+        return 100.0 * self.trainable / max(self.total, 1)
+
+    def __str__(self) -> str:
+        return f"trainable params: {self.trainable:,} || all params: {self.total:,} || trainable%: {self.percent:.4f}"
+
+
+def count_parameters(model: nn.Module) -> ParamCount:
+    """Trainable and total parameter counts (shared/tied tensors counted once)."""
+    seen: set[int] = set()
+    trainable = total = 0
+    for p in model.parameters():  # parameters() already de-duplicates tied weights
+        if id(p) in seen:
+            continue
+        seen.add(id(p))
+        n = p.numel()
+        total += n
+        if p.requires_grad:
+            trainable += n
+    return ParamCount(trainable, total)
+
+
+@contextlib.contextmanager
+def disable_adapters(model: nn.Module) -> Iterator[None]:
+    """Within the block the model behaves exactly as its base (merged adapters are unmerged)."""
+    layers = [layer for _, layer in adapter_layers(model)]
+    before = [layer.disabled for layer in layers]
+    for layer in layers:
+        layer.disabled = True
+    try:
+        yield
+    finally:
+        for layer, b in zip(layers, before):
+            layer.disabled = b
+
+
+def set_active(model: nn.Module, adapters: str | list[str]) -> None:
+    """Make ``adapters`` the active ones on every layer (others stay loaded but unused)."""
+    state = get_state(model)
+    names = [adapters] if isinstance(adapters, str) else list(adapters)
+    for a in names:
+        if a not in state.configs:
+            raise ValueError(f"no adapter named {a!r}; loaded adapters: {', '.join(state.configs) or '(none)'}")
+    state.active = names
+    for _, layer in adapter_layers(model):
+        layer.unmerge()
+        layer.active_adapters = [a for a in names if a in layer.adapter_names()]

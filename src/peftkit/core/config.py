@@ -1,0 +1,150 @@
+"""Typed, validated configs: the base every method config derives from, and dict <-> dataclass helpers.
+
+YAML/JSON is how configs are stored and edited; these dataclasses are the single source of truth.
+Unknown keys are errors that suggest the closest known key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, TypeVar
+
+T = TypeVar("T")
+
+
+class ConfigError(ValueError):
+    """A config value or key is wrong; the message names the field."""
+
+
+def unknown_key_error(key: str, known: list[str], where: str) -> ConfigError:
+    close = difflib.get_close_matches(key, known, n=1, cutoff=0.5)
+    hint = f"; did you mean {where}{close[0]!r}?" if close else f"; known keys: {', '.join(known)}"
+    return ConfigError(f"unknown config key {where}{key!r}{hint}")
+
+
+def from_dict(cls: type[T], data: dict[str, Any] | None, where: str = "") -> T:
+    """Build dataclass ``cls`` from ``data``, rejecting unknown keys and wrong types with the field named.
+
+    Nested dataclass fields are built recursively; ``where`` is the dotted prefix used in messages.
+    """
+    data = dict(data or {})
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where or 'config'} must be a mapping, got {type(data).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    hints = typing.get_type_hints(cls)
+    kwargs: dict[str, Any] = {}
+    for key, value in data.items():
+        if key not in fields:
+            raise unknown_key_error(key, sorted(fields), where)
+        kwargs[key] = _coerce(value, hints[key], f"{where}{key}")
+    try:
+        return cls(**kwargs)
+    except TypeError as e:
+        raise ConfigError(f"{where or cls.__name__}: {e}") from None
+
+
+def to_dict(obj: Any) -> dict[str, Any]:
+    """A dataclass as plain dicts/lists (for YAML/JSON)."""
+    return dataclasses.asdict(obj)
+
+
+def _coerce(value: Any, hint: Any, where: str) -> Any:
+    """Check ``value`` against the type ``hint`` (ints widen to floats; nested dataclasses are built)."""
+    if dataclasses.is_dataclass(hint) and isinstance(hint, type):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where} must be a mapping, got {value!r}")
+        return from_dict(hint, value, where + ".")
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if hint is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        errors = []
+        for arg in args:
+            try:
+                return _coerce(value, arg, where)
+            except ConfigError as e:
+                errors.append(e)
+        raise ConfigError(f"{where} has the wrong type: got {value!r}, expected {_type_name(hint)}")
+    if hint is type(None):
+        if value is None:
+            return None
+        raise ConfigError(f"{where}: expected null")
+    if origin is typing.Literal:
+        if value in args:
+            return value
+        raise ConfigError(f"{where} must be one of {', '.join(map(repr, args))}, got {value!r}")
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where} must be a list, got {value!r}")
+        inner = args[0] if args else Any
+        return [_coerce(v, inner, f"{where}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where} must be a mapping, got {value!r}")
+        kt, vt = args if args else (Any, Any)
+        return {_coerce(k, kt, where): _coerce(v, vt, f"{where}.{k}") for k, v in value.items()}
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if hint is float and isinstance(value, str):
+        try:
+            return float(value)  # YAML reads "2e-4" as a string
+        except ValueError:
+            pass
+    if isinstance(hint, type):
+        if isinstance(value, hint) and not (hint is int and isinstance(value, bool)):
+            return value
+        raise ConfigError(f"{where} must be {_type_name(hint)}, got {value!r}")
+    return value
+
+
+def _type_name(hint: Any) -> str:
+    return getattr(hint, "__name__", None) or str(hint).replace("typing.", "")
+
+
+@dataclass
+class MethodConfig:
+    """Base of every method's config. ``method_name`` is set by the registry decorator."""
+
+    method_name: ClassVar[str] = ""
+    #: PEFT's ``peft_type`` for methods whose files PEFT can read; None otherwise.
+    peft_type: ClassVar[str | None] = None
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise ConfigError naming the field when a value is out of range."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.method_name, **to_dict(self)}
+
+
+@dataclass
+class TargetedConfig(MethodConfig):
+    """Fields of methods that wrap chosen modules (LoRA and friends).
+
+    Attributes:
+        target_modules: names or suffixes (``["q_proj", "v_proj"]``), a regex string matched against the whole
+            module name, or ``"all-linear"``. None: the usual attention projections for the model's family.
+        exclude: modules to leave alone, same rules as ``target_modules``.
+        layers: only adapt modules inside these transformer-block indices.
+        modules_to_save: extra base modules trained fully and saved with the adapter (e.g. a classifier head).
+    """
+
+    target_modules: list[str] | str | None = None
+    exclude: list[str] | str | None = None
+    layers: list[int] | None = None
+    modules_to_save: list[str] | None = None
+
+
+def check(cond: bool, message: str) -> None:
+    if not cond:
+        raise ConfigError(message)
+
+
+__all__ = ["ConfigError", "MethodConfig", "TargetedConfig", "check", "field", "from_dict", "to_dict"]

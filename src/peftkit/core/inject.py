@@ -1,0 +1,112 @@
+"""The one module-replacement mechanism, and attaching / detaching methods on a built model."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch.nn as nn
+
+from peftkit.core.adapter import (
+    DEFAULT_ADAPTER,
+    STATE_ATTR,
+    adapter_layers,
+    ensure_state,
+    get_state,
+    mark_only_adapters_trainable,
+    set_active,
+)
+from peftkit.core.config import MethodConfig
+from peftkit.core.registry import get_method
+
+
+def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    """Put ``new`` where the submodule ``name`` is."""
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)
+
+
+def wrap_modules(model: nn.Module, names: list[str], wrap: Callable[[str, nn.Module], nn.Module]) -> None:
+    """Replace each named submodule by ``wrap(name, module)`` (which may return the module itself)."""
+    for name in names:
+        old = model.get_submodule(name)
+        new = wrap(name, old)
+        if new is not old:
+            replace_module(model, name, new)
+
+
+def inject(model: nn.Module, config: MethodConfig, adapter_name: str = DEFAULT_ADAPTER) -> nn.Module:
+    """Attach a method to ``model`` in place and leave only the adapter trainable.
+
+    The first adapter becomes the active one; later ones are loaded inactive (see ``set_active``).
+
+    Returns:
+        The same model object, for chaining.
+
+    Raises:
+        ValueError: an adapter of that name exists, or the config's targets match nothing.
+    """
+    if not adapter_name or "." in adapter_name or "/" in adapter_name:
+        raise ValueError(f"invalid adapter name {adapter_name!r}: use letters, digits, '-' or '_'")
+    state = ensure_state(model)
+    if adapter_name in state.configs:
+        raise ValueError(f"the model already has an adapter named {adapter_name!r}")
+    method = get_method(config.method_name)
+    try:
+        targets = method.attach(model, config, adapter_name)
+    except Exception:
+        if not state.configs:
+            object.__delattr__(model, STATE_ATTR)
+        raise
+    state.configs[adapter_name] = config
+    state.targets[adapter_name] = list(targets or [])
+    set_active(model, state.active or [adapter_name])
+    mark_only_adapters_trainable(model)
+    return model
+
+
+def merge(model: nn.Module) -> nn.Module:
+    """Fold the active adapters into the base weights (forward then costs what the base costs)."""
+    for _, layer in adapter_layers(model):
+        layer.merge()
+    return model
+
+
+def unmerge(model: nn.Module) -> nn.Module:
+    """Undo :func:`merge`, restoring the base weights (up to float rounding)."""
+    for _, layer in adapter_layers(model):
+        layer.unmerge()
+    return model
+
+
+def unload(model: nn.Module, merge: bool = False) -> nn.Module:
+    """Remove every adapter layer, giving back the plain base model.
+
+    Args:
+        merge: fold the active adapters into the base weights first (a standalone fine-tuned model);
+            otherwise the base is returned unchanged.
+    """
+    get_state(model)
+    for name, layer in list(adapter_layers(model)):
+        if merge:
+            layer.merge()
+        else:
+            layer.unmerge()
+        replace_module(model, name, layer.base_layer)
+    object.__delattr__(model, STATE_ATTR)
+    for p in model.parameters():
+        p.requires_grad_(True)
+    return model
+
+
+def delete_adapter(model: nn.Module, adapter_name: str) -> None:
+    """Remove one named adapter; the model keeps the others."""
+    state = get_state(model)
+    if adapter_name not in state.configs:
+        raise ValueError(f"no adapter named {adapter_name!r}; loaded: {', '.join(state.configs)}")
+    for name, layer in list(adapter_layers(model)):
+        layer.delete_adapter(adapter_name)
+        if not layer.adapter_names():
+            replace_module(model, name, layer.base_layer)
+    del state.configs[adapter_name], state.targets[adapter_name]
+    state.active = [a for a in state.active if a != adapter_name]
