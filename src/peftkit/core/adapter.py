@@ -39,6 +39,16 @@ class AdapterLayer(nn.Module):
         self.merged_adapters: list[str] = []
         self.disabled = False
 
+    # Model code sometimes reads a layer's weight directly (T5's feed-forward checks ``self.wo.weight.dtype``):
+    # the wrapper answers with the wrapped layer's tensors.
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.base_layer.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return getattr(self.base_layer, "bias", None)
+
     # -- bookkeeping -----------------------------------------------------------------
     def adapter_names(self) -> list[str]:
         first = getattr(self, self.adapter_attrs[0])

@@ -13,17 +13,15 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, TypeVar
 
+from peftkit.errors import ConfigError
+
 T = TypeVar("T")
-
-
-class ConfigError(ValueError):
-    """A config value or key is wrong; the message names the field."""
 
 
 def unknown_key_error(key: str, known: list[str], where: str) -> ConfigError:
     close = difflib.get_close_matches(key, known, n=1, cutoff=0.5)
-    hint = f"; did you mean {where}{close[0]!r}?" if close else f"; known keys: {', '.join(known)}"
-    return ConfigError(f"unknown config key {where}{key!r}{hint}")
+    hint = f"; did you mean '{where}{close[0]}'?" if close else f"; known keys: {', '.join(known)}"
+    return ConfigError(f"unknown config key '{where}{key}'{hint}")
 
 
 def from_dict(cls: type[T], data: dict[str, Any] | None, where: str = "") -> T:

@@ -31,6 +31,7 @@ def wrap_modules(model: nn.Module, names: list[str], wrap: Callable[[str, nn.Mod
     for name in names:
         old = model.get_submodule(name)
         new = wrap(name, old)
+        new.train(old.training)  # new submodules (dropout) follow the model's mode: eval stays deterministic
         if new is not old:
             replace_module(model, name, new)
 
@@ -66,10 +67,30 @@ def inject(model: nn.Module, config: MethodConfig, adapter_name: str = DEFAULT_A
 
 
 def merge(model: nn.Module) -> nn.Module:
-    """Fold the active adapters into the base weights (forward then costs what the base costs)."""
+    """Fold the active adapters into the base weights (forward then costs what the base costs).
+
+    Raises:
+        ValueError: a weight to merge into is shared with another module (tied input/output embeddings).
+    """
+    _refuse_tied_merge(model)
     for _, layer in adapter_layers(model):
         layer.merge()
     return model
+
+
+def _refuse_tied_merge(model: nn.Module) -> None:
+    # Merging into a tied weight (GPT-2's wte is lm_head's weight) would change the other module too.
+    owners: dict[int, list[str]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        owners.setdefault(id(p), []).append(name)
+    for name, layer in adapter_layers(model):
+        if not [a for a in layer.active_adapters if a not in layer.merged_adapters]:
+            continue
+        weight = getattr(layer.base_layer, "weight", None)
+        others = [n for n in owners.get(id(weight), []) if not n.startswith(name + ".")]
+        if others:
+            raise ValueError(f"cannot merge the adapter of {name!r}: its weight is tied to {others[0]!r}, which "
+                             "merging would change too; keep the adapter unmerged or untie the weights")
 
 
 def unmerge(model: nn.Module) -> nn.Module:
@@ -87,6 +108,8 @@ def unload(model: nn.Module, merge: bool = False) -> nn.Module:
             otherwise the base is returned unchanged.
     """
     get_state(model)
+    if merge:
+        _refuse_tied_merge(model)
     for name, layer in list(adapter_layers(model)):
         if merge:
             layer.merge()

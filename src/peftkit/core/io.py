@@ -17,18 +17,15 @@ import torch.nn as nn
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from peftkit.core.adapter import DEFAULT_ADAPTER, adapter_parameters, get_state
+from peftkit.core.adapter import DEFAULT_ADAPTER, adapter_layers, adapter_parameters, get_state
 from peftkit.core.files import atomic_dir
 from peftkit.core.inject import inject
 from peftkit.core.registry import METHODS, _load_builtin_methods
+from peftkit.errors import AdapterFileError, ConfigError
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 PREFIX = "base_model.model."
-
-
-class AdapterFileError(ValueError):
-    """An adapter folder is missing, malformed, or does not fit the model."""
 
 
 def adapter_state_dict(model: nn.Module, adapter_name: str = DEFAULT_ADAPTER) -> dict[str, torch.Tensor]:
@@ -89,11 +86,15 @@ def load_adapter(
     """Attach the adapter stored at ``path`` (peftkit's or PEFT's) and load its weights.
 
     Raises:
-        AdapterFileError: the folder or its files are missing or malformed, or a tensor is missing,
-            unexpected, or of the wrong shape (the first mismatching tensor is named). On error the
-            model is left without the new adapter.
+        AdapterFileError: the folder or its files are missing or malformed, its target modules are not in
+            the model, or a tensor is missing, unexpected, or of the wrong shape (the first mismatching
+            tensor is named). On error the model is left without the new adapter.
     """
-    config = config_from_peft(read_adapter_config(path))
+    data = read_adapter_config(path)
+    try:
+        config = config_from_peft(data)
+    except (ValueError, TypeError) as e:  # bad values in the file: name the file
+        raise AdapterFileError(f"{Path(path) / CONFIG_NAME}: {e}") from None
     weights_file = Path(path) / WEIGHTS_NAME
     if not weights_file.is_file():
         raise AdapterFileError(f"{weights_file}: missing (only safetensors adapters are loaded)")
@@ -101,7 +102,10 @@ def load_adapter(
         tensors = load_file(str(weights_file))
     except (SafetensorError, OSError) as e:
         raise AdapterFileError(f"{weights_file}: unreadable safetensors file ({e})") from None
-    inject(model, config, adapter_name)
+    try:
+        inject(model, config, adapter_name)
+    except ConfigError as e:  # e.g. target modules of another architecture
+        raise AdapterFileError(f"{path}: the adapter does not fit this model: {e}") from None
     try:
         _copy_into(model, adapter_name, tensors, weights_file)
     except AdapterFileError:
@@ -120,10 +124,12 @@ def load_adapter(
 
 def _copy_into(model: nn.Module, adapter_name: str, tensors: dict[str, torch.Tensor], file: Path) -> None:
     params = {PREFIX + k: p for k, p in adapter_parameters(model, adapter_name)}
-    extra = sorted(set(tensors) - set(params))
+    optional = {k: p for k, p in _embedding_base_weights(model).items() if k in tensors and k not in params}
+    extra = sorted(set(tensors) - set(params) - set(optional))
     if extra:
         raise AdapterFileError(f"{file}: tensor {extra[0]!r} does not belong to this model's adapter "
                                f"({len(extra)} unexpected tensors)")
+    params.update(optional)
     for key, p in params.items():
         if key not in tensors:
             raise AdapterFileError(f"{file}: tensor {key!r} is missing")
@@ -134,6 +140,13 @@ def _copy_into(model: nn.Module, adapter_name: str, tensors: dict[str, torch.Ten
     with torch.no_grad():
         for key, p in params.items():
             p.copy_(tensors[key].to(p.dtype))
+
+
+def _embedding_base_weights(model: nn.Module) -> dict[str, nn.Parameter]:
+    """Whole weights of adapted embeddings, under file keys: PEFT saves them too (``save_embedding_layers``)
+    and loads them back into the base, so a PEFT adapter over a resized or trained vocabulary works."""
+    return {f"{PREFIX}{name}.base_layer.weight": layer.base_layer.weight
+            for name, layer in adapter_layers(model) if isinstance(layer.base_layer, nn.Embedding)}
 
 
 def base_model_name(model: nn.Module) -> str | None:

@@ -54,7 +54,9 @@ def get_method(name: str) -> Method:
 
         close = difflib.get_close_matches(name, METHODS, n=1)
         hint = f" (did you mean {close[0]!r}?)" if close else ""
-        raise ValueError(f"unknown method {name!r}{hint}; known methods: {', '.join(sorted(METHODS))}")
+        from peftkit.errors import ConfigError
+
+        raise ConfigError(f"unknown method {name!r}{hint}; known methods: {', '.join(sorted(METHODS))}")
     return METHODS[name]
 
 

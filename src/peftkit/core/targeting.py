@@ -17,6 +17,8 @@ from collections.abc import Callable, Iterable, Sequence
 
 import torch.nn as nn
 
+from peftkit.errors import ConfigError
+
 # Names of the block lists in common architectures (``model.layers.3.``, ``transformer.h.3.``, ...).
 _LAYER_RE = re.compile(r"(?:^|\.)(?:layers|layer|h|block|blocks|encoder\.layer|decoder\.layers)\.(\d+)(?:\.|$)")
 
@@ -76,10 +78,10 @@ def find_targets(
         accept: which module kinds can be targets; by default linear-like layers and embeddings.
 
     Raises:
-        ValueError: nothing matched; the message lists the module names that were available.
+        ConfigError: nothing matched; the message lists the module names that were available.
     """
     if not target_modules:
-        raise ValueError("target_modules is empty: name the modules to adapt, e.g. ['q_proj', 'v_proj'] or 'all-linear'")
+        raise ConfigError("target_modules is empty: name the modules to adapt, e.g. ['q_proj', 'v_proj'] or 'all-linear'")
     accept = accept or (lambda m: is_linear_like(m) or isinstance(m, nn.Embedding))
     layer_set = set(layers) if layers is not None else None
     heads = output_head_names(model)
@@ -107,7 +109,7 @@ def find_targets(
             continue
         found.append(name)
     if not found:
-        raise ValueError(_nothing_matched(target_modules, exclude, layers, candidates))
+        raise ConfigError(_nothing_matched(target_modules, exclude, layers, candidates))
     return found
 
 

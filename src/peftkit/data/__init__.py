@@ -1,0 +1,1 @@
+"""Data: file formats, built-in datasets, templates, tokenization, batching (no model code)."""

@@ -1,0 +1,1 @@
+"""Evaluation: classification by label likelihood, generation."""

@@ -1,0 +1,52 @@
+"""Generation with the same template as training: batched, left-padded, KV-cached (transformers' generate)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from peftkit.data.collate import pad_batch
+from peftkit.data.template import Template
+from peftkit.train.loop import model_device
+
+
+@torch.no_grad()
+def generate(
+    model: nn.Module,
+    template: Template,
+    examples: Sequence[dict[str, Any]],
+    max_new_tokens: int = 64,
+    do_sample: bool = False,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    batch_size: int = 8,
+    seed: int = 0,
+) -> list[str]:
+    """The model's response to each example's prompt (greedy unless ``do_sample``)."""
+    tok = template.tokenizer
+    pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    device = model_device(model)
+    was_training = model.training
+    model.eval()
+    torch.manual_seed(seed)
+    outputs: list[str] = []
+    for s in range(0, len(examples), batch_size):
+        prompts = [{"input_ids": template.prompt_ids(ex)} for ex in examples[s:s + batch_size]]
+        batch = pad_batch(prompts, pad_id, side="left")
+        sample_args = {"temperature": temperature, "top_p": top_p} if do_sample else {}
+        out = model.generate(
+            input_ids=batch["input_ids"].to(device),
+            attention_mask=batch["attention_mask"].to(device),
+            max_new_tokens=max_new_tokens,
+            do_sample=do_sample,
+            eos_token_id=template.stop_token_ids(),
+            pad_token_id=pad_id,
+            **sample_args,
+        )
+        new = out[:, batch["input_ids"].shape[1]:]
+        outputs += [tok.decode(row, skip_special_tokens=True).strip() for row in new]
+    model.train(was_training)
+    return outputs

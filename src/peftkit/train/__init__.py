@@ -1,0 +1,1 @@
+"""The method-agnostic training loop, checkpoints, run orchestration."""

@@ -1,0 +1,146 @@
+"""A whole training run from a :class:`RunConfig`: what ``peftkit train`` calls."""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from peftkit.core.adapter import count_parameters
+from peftkit.core.files import atomic_write_text
+from peftkit.core.inject import inject
+from peftkit.core.io import save_adapter
+from peftkit.data.load import Splits, load_splits
+from peftkit.data.template import Template
+from peftkit.data.tokenize import encode_all
+from peftkit.errors import ConfigError
+from peftkit.train.checkpoint import list_checkpoints
+from peftkit.train.config import RunConfig, dump_config
+from peftkit.train.loop import Trainer
+from peftkit.train.tracking import peak_memory_mb, plot_loss
+
+SUMMARY = "run_summary.json"
+
+
+@dataclass
+class Prepared:
+    """A model with its method attached, its tokenizer, template and data: shared by train and eval."""
+
+    model: nn.Module
+    tokenizer: Any
+    template: Template
+    splits: Splits
+
+
+def prepare(cfg: RunConfig, attach: bool = True) -> Prepared:
+    """Load the model and data named by ``cfg`` and (optionally) attach the method, seeded."""
+    from peftkit.models import load_model
+
+    if cfg.train.threads:
+        torch.set_num_threads(cfg.train.threads)
+    method_cfg = cfg.method_config()
+    splits = load_splits(cfg.data.train, cfg.data.validation, cfg.data.test, cfg.data.format,
+                         cfg.data.validation_fraction, cfg.train.seed)
+    model, tokenizer = load_model(cfg.model)
+    if attach:
+        torch.manual_seed(cfg.train.seed)  # adapter init is part of the run's determinism
+        inject(model, method_cfg)
+    template = Template.create(tokenizer, cfg.data.template, splits.format)
+    return Prepared(model, tokenizer, template, splits)
+
+
+def check_output_dir(out: Path, overwrite: bool, resume: bool) -> None:
+    """Refuse to clobber a finished run or an unfinished one that could be resumed."""
+    summary = out / SUMMARY
+    if summary.is_file() and not overwrite:
+        raise ConfigError(f"{out} already holds a finished run; choose another output_dir or set overwrite=true")
+    if list_checkpoints(out) and not (resume or overwrite):
+        raise ConfigError(f"{out} holds checkpoints of an unfinished run; pass --resume to continue it or set overwrite=true")
+    if resume and not list_checkpoints(out):
+        raise ConfigError(f"--resume: no checkpoint found in {out / 'checkpoints'}")
+
+
+def train_run(cfg: RunConfig, resume: bool = False, show_progress: bool | None = None, log=print) -> dict[str, Any]:
+    """Train ``cfg.method`` on ``cfg.data`` and write the adapter to OUTPUT_DIR/adapter.
+
+    Returns:
+        The run summary (also written to OUTPUT_DIR/run_summary.json).
+    """
+    out = Path(cfg.output_dir)
+    check_output_dir(out, cfg.overwrite, resume)
+    start = time.perf_counter()
+    prep = prepare(cfg)
+    model, tok, template, splits = prep.model, prep.tokenizer, prep.template, prep.splits
+    train_rows = splits.train
+    if cfg.data.max_train_examples:
+        import random
+
+        train_rows = list(train_rows)
+        random.Random(cfg.train.seed).shuffle(train_rows)
+        train_rows = train_rows[: cfg.data.max_train_examples]
+    val_rows = splits.validation[: cfg.data.max_validation_examples] if cfg.data.max_validation_examples else splits.validation
+    enc_train = encode_all(template, train_rows, cfg.data.max_length, cfg.data.train_on_prompt)
+    enc_val = encode_all(template, val_rows, cfg.data.max_length, cfg.data.train_on_prompt)
+    if not enc_train.examples:
+        raise ConfigError("no training example is left after tokenization (all responses truncated away?)")
+    params = count_parameters(model)
+    log(f"model {cfg.model} | method {cfg.method_config().method_name} | {params}")
+    log(f"data: {len(enc_train.examples)} train / {len(enc_val.examples)} validation examples, "
+        f"template {template.kind}; truncated to {cfg.data.max_length} tokens: {enc_train.truncated} train, "
+        f"{enc_val.truncated} validation; dropped (nothing left to learn): {enc_train.dropped + enc_val.dropped}")
+
+    out.mkdir(parents=True, exist_ok=True)
+    if not resume:
+        for stale in ("metrics.jsonl", SUMMARY):
+            (out / stale).unlink(missing_ok=True)
+    atomic_write_text(out / "config.yaml", dump_config(cfg))
+    pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+
+    def export(path: Path) -> None:
+        save_adapter(model, path)
+
+    trainer = Trainer(model, enc_train.examples, enc_val.examples, cfg.train, pad_id, out, export,
+                      cfg.data.packing, cfg.data.group_by_length, cfg.data.max_length, show_progress)
+    resume_from = list_checkpoints(out)[-1] if resume else None
+    if resume_from is not None:
+        log(f"resuming from {resume_from}")
+    state = trainer.fit(resume_from)
+    export(out / "adapter")
+    plot = plot_loss(out / "metrics.jsonl", out / "loss.png")
+    summary = {
+        "status": "finished",
+        "model": cfg.model,
+        "method": cfg.method_config().to_dict(),
+        "steps": state.step,
+        "tokens": state.tokens,
+        "final_eval_loss": _last_eval(out),
+        "best_eval_loss": state.best_eval_loss,
+        "best_step": state.best_step,
+        "trainable_params": params.trainable,
+        "total_params": params.total,
+        "trainable_percent": round(params.percent, 4),
+        "train_examples": len(enc_train.examples),
+        "truncated_train_examples": enc_train.truncated,
+        "peak_memory_mb": round(peak_memory_mb(trainer.device), 1),
+        "wall_time_s": round(time.perf_counter() - start, 1),
+        "adapter": str(out / "adapter"),
+        "loss_plot": str(plot) if plot else None,
+    }
+    atomic_write_text(out / SUMMARY, json.dumps(summary, indent=2) + "\n")
+    log(f"done: {state.step} steps, adapter saved to {out / 'adapter'}; peak memory {summary['peak_memory_mb']:.0f} MB")
+    return summary
+
+
+def _last_eval(out: Path) -> float | None:
+    from peftkit.train.tracking import read_metrics
+
+    evals = [r["eval_loss"] for r in read_metrics(out / "metrics.jsonl") if "eval_loss" in r]
+    return evals[-1] if evals else None
+
+
+__all__ = ["Prepared", "check_output_dir", "prepare", "train_run"]

@@ -1,0 +1,59 @@
+import pytest
+
+from peftkit.errors import ConfigError
+from peftkit.methods.lora import LoraConfig
+from peftkit.train.config import RunConfig, apply_override, load_config
+
+
+def test_defaults_and_overrides(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("model: smollm2-135m\nmethod: {name: lora, r: 8, alpha: 16, target_modules: [q_proj, v_proj]}\n"
+                    "train: {max_steps: 200, batch_size: 8, lr: 2.0e-4}\noutput_dir: runs/x\n")
+    cfg = load_config(path, ["method.r=16", "train.max_steps=100", "train.lr=1e-3", "data.packing=true"])
+    assert isinstance(cfg, RunConfig)
+    assert cfg.train.max_steps == 100 and cfg.train.lr == 1e-3 and cfg.data.packing is True
+    m = cfg.method_config()
+    assert isinstance(m, LoraConfig) and m.r == 16 and m.alpha == 16 and m.target_modules == ["q_proj", "v_proj"]
+
+
+def test_method_as_plain_name_and_switch():
+    cfg = load_config(None, ["method=lora", "method.r=4"])
+    assert cfg.method_config().r == 4
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["train.max_step=5"], r"unknown config key 'train\.max_step'; did you mean 'train\.max_steps'"),
+        (["trian.lr=1"], r"unknown config key 'trian'; did you mean 'train'"),
+        (["method.rank=4"], r"unknown config key 'method\.rank'"),
+        (["method.name=lorra"], r"unknown method 'lorra' \(did you mean 'lora'\?\)"),
+        (["train.batch_size=abc"], r"train\.batch_size must be int, got 'abc'"),
+        (["train.batch_size=0"], r"train\.batch_size must be > 0"),
+        (["method.r=-1"], r"method\.r must be a positive integer"),
+        (["data.format=xml"], r"data\.format must be one of"),
+        (["noequals"], r"is not key=value"),
+    ],
+)
+def test_bad_overrides(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, overrides)
+
+
+def test_bad_files(tmp_path):
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(tmp_path / "missing.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: x\ntrain: {max_steps: [1,\n")
+    with pytest.raises(ConfigError, match=r"bad\.yaml:\d+: invalid YAML"):
+        load_config(bad)
+    lst = tmp_path / "list.yaml"
+    lst.write_text("- a\n- b\n")
+    with pytest.raises(ConfigError, match="must be a mapping"):
+        load_config(lst)
+
+
+def test_apply_override_nested():
+    d = {}
+    apply_override(d, "method.target_modules=[q_proj, v_proj]")
+    assert d == {"method": {"target_modules": ["q_proj", "v_proj"]}}

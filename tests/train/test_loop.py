@@ -1,0 +1,143 @@
+import json
+
+import pytest
+import torch
+
+import peftkit
+from peftkit.data.collate import pack_batch, pad_batch
+from peftkit.data.template import Template
+from peftkit.data.tokenize import encode_all
+from peftkit.train.config import TrainConfig
+from peftkit.train.loop import Trainer, TrainingError, evaluate_loss, lm_loss_sum
+
+ROWS = [{"instruction": f"Say the color of {w}", "input": "", "output": c}
+        for w, c in [("grass", "green"), ("sky", "blue"), ("snow", "white"), ("coal", "black")]] * 8
+
+
+def encoded(tokenizer, rows=ROWS):
+    return encode_all(Template.create(tokenizer), rows, 64).examples
+
+
+def lora(model, **kw):
+    torch.manual_seed(0)
+    return peftkit.inject(model, peftkit.LoraConfig(r=4, target_modules="all-linear", **kw))
+
+
+def test_training_reduces_validation_loss(tiny_lm, tmp_path):
+    model, tok = tiny_lm
+    lora(model)
+    data = encoded(tok)
+    pad = tok.pad_token_id
+    before = evaluate_loss(model, data, 8, pad)
+    cfg = TrainConfig(max_steps=20, batch_size=8, lr=3e-2, warmup_steps=0, eval_every=10, save_every=0, log_every=5)
+    state = Trainer(model, data, data[:8], cfg, pad, tmp_path, show_progress=False).fit()
+    after = evaluate_loss(model, data, 8, pad)
+    assert state.step == 20
+    assert after < before - 3, (before, after)
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "loss" in r] == [5, 10, 15, 20]
+    assert [r["step"] for r in rows if "eval_loss" in r] == [10, 20]
+    assert all(r["tokens_per_s"] > 0 and r["peak_memory_mb"] > 0 for r in rows if "loss" in r)
+
+
+def test_only_trainable_parameters_change(tiny_lm, tmp_path):
+    model, tok = tiny_lm
+    lora(model)
+    frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
+    cfg = TrainConfig(max_steps=3, batch_size=4, lr=1e-2, save_every=0, eval_every=0)
+    Trainer(model, encoded(tok), [], cfg, tok.pad_token_id, tmp_path, show_progress=False).fit()
+    for n, p in model.named_parameters():
+        if n in frozen:
+            assert torch.equal(p, frozen[n]), n
+
+
+def test_gradient_accumulation_matches_bigger_batch(tiny_lm_dir, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_lm_dir)
+    data = encoded(tok)
+    results = []
+    for bs, accum in ((8, 1), (4, 2), (2, 4)):
+        model = lora(AutoModelForCausalLM.from_pretrained(tiny_lm_dir), init="random")
+        cfg = TrainConfig(max_steps=2, batch_size=bs, grad_accum=accum, lr=1e-2, warmup_steps=0, save_every=0,
+                          eval_every=0, schedule="constant")
+        trainer = Trainer(model, data, [], cfg, tok.pad_token_id, tmp_path / f"{bs}", group_by_length=False, show_progress=False)
+        trainer.fit()
+        results.append(peftkit.adapter_state_dict(model))
+    for other in results[1:]:
+        for k in results[0]:
+            torch.testing.assert_close(other[k], results[0][k], atol=2e-6, rtol=1e-5)
+
+
+def test_packed_loss_equals_padded_loss(tiny_lm):
+    model, tok = tiny_lm
+    model.eval()
+    data = encoded(tok, ROWS[:4])
+    with torch.no_grad():
+        padded, n1 = lm_loss_sum(model, pad_batch(data, tok.pad_token_id))
+        packed, n2 = lm_loss_sum(model, pack_batch(data, tok.pad_token_id))
+    assert n1 == n2 > 0
+    torch.testing.assert_close(packed, padded, atol=1e-3, rtol=1e-5)
+
+
+def test_packing_trains(tiny_lm, tmp_path):
+    model, tok = tiny_lm
+    lora(model)
+    data = encoded(tok)
+    before = evaluate_loss(model, data, 8, tok.pad_token_id)
+    cfg = TrainConfig(max_steps=12, batch_size=4, lr=3e-2, warmup_steps=0, save_every=0, eval_every=0)
+    Trainer(model, data, [], cfg, tok.pad_token_id, tmp_path, packing=True, max_length=64, show_progress=False).fit()
+    assert evaluate_loss(model, data, 8, tok.pad_token_id) < before - 2
+
+
+def test_nan_loss_stops_with_step(tiny_lm, tmp_path, monkeypatch):
+    model, tok = tiny_lm
+    lora(model)
+    cfg = TrainConfig(max_steps=5, batch_size=4, save_every=0, eval_every=0)
+    trainer = Trainer(model, encoded(tok), [], cfg, tok.pad_token_id, tmp_path, show_progress=False)
+    import peftkit.train.loop as loop
+
+    real = loop.lm_loss_sum
+    calls = {"n": 0}
+
+    def poisoned(m, batch):
+        loss, n = real(m, batch)
+        calls["n"] += 1
+        return (loss * float("nan") if calls["n"] == 3 else loss), n
+
+    monkeypatch.setattr(loop, "lm_loss_sum", poisoned)
+    with pytest.raises(TrainingError, match="loss became nan at step 3"):
+        trainer.fit()
+
+
+def test_bf16_autocast_trains_with_fp32_adapter(tiny_lm, tmp_path):
+    model, tok = tiny_lm
+    lora(model)
+    data = encoded(tok)
+    before = evaluate_loss(model, data, 8, tok.pad_token_id)
+    cfg = TrainConfig(max_steps=8, batch_size=4, lr=5e-2, warmup_steps=0, save_every=0, eval_every=0, precision="bf16")
+    Trainer(model, data, [], cfg, tok.pad_token_id, tmp_path, show_progress=False).fit()
+    assert all(p.dtype == torch.float32 for p in model.parameters() if p.requires_grad)
+    assert evaluate_loss(model, data, 8, tok.pad_token_id) < before - 2
+
+
+def test_gradient_checkpointing_same_gradients(tiny_lm):
+    model, tok = tiny_lm
+    lora(model, init="random")
+    batch = pad_batch(encoded(tok, ROWS[:4]), tok.pad_token_id)
+
+    def grads():
+        model.zero_grad()
+        loss, n = lm_loss_sum(model, batch)
+        loss.backward()
+        return {k: p.grad.clone() for k, p in model.named_parameters() if p.requires_grad}
+
+    model.train()
+    plain = grads()
+    from peftkit.train.loop import enable_gradient_checkpointing
+
+    enable_gradient_checkpointing(model)
+    ckpt = grads()
+    assert plain.keys() == ckpt.keys() and plain
+    for k in plain:
+        torch.testing.assert_close(ckpt[k], plain[k], atol=1e-6, rtol=1e-5)
