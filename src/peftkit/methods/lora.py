@@ -162,6 +162,12 @@ class LoraLayer(AdapterLayer):
         self.scaling: dict[str, float] = {}
         self.lora_dropout = nn.ModuleDict()
 
+    def delete_adapter(self, adapter: str) -> None:
+        super().delete_adapter(adapter)
+        self.scaling.pop(adapter, None)
+        if adapter in self.lora_dropout:
+            del self.lora_dropout[adapter]
+
     def _adapter_dtype(self) -> torch.dtype:
         # adapter master weights stay in fp32 even over a bf16/fp16 base
         dtype = self.base_layer.weight.dtype
@@ -194,8 +200,9 @@ class LoraLinear(LoraLayer):
         return delta.T if self.fan_in_fan_out else delta
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        adapters = self.use_adapters()  # first: a disabled layer unmerges before the base runs
         result = self.base_layer(x, *args, **kwargs)
-        for name in self.use_adapters():
+        for name in adapters:
             A, B = self.lora_A[name], self.lora_B[name]
             h = self.lora_dropout[name](x.to(A.weight.dtype) if not torch.is_autocast_enabled(x.device.type) else x)
             result = result + (B(A(h)) * self.scaling[name]).to(result.dtype)  # (..., out)
@@ -229,9 +236,10 @@ class LoraEmbedding(LoraLayer):
         return (B @ A).T * self.scaling[adapter]  # (num, dim)
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        adapters = self.use_adapters()  # first: a disabled layer unmerges before the base runs
         result = self.base_layer(x, *args, **kwargs)
         base = self.base_layer
-        for name in self.use_adapters():
+        for name in adapters:
             A, B = self.lora_embedding_A[name], self.lora_embedding_B[name]
             after_a = F.embedding(x, A.T, base.padding_idx, base.max_norm, base.norm_type,
                                   base.scale_grad_by_freq, base.sparse)  # (..., r)

@@ -1,0 +1,163 @@
+"""Invariants every registered method must keep, generated from the registry, on every tiny model family.
+
+A new method is covered as soon as it registers itself; it only needs an entry in ``SPECS`` below (a config
+that fits the tiny models, and which promises it makes). A registered method without one fails loudly.
+
+Adapters are given random weights with :func:`tests.tiny.perturb_adapters` (found by what they are, not by
+name), so that merged/unmerged, save/load and on/off comparisons are between outputs that really differ
+from the base.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn as nn
+
+import peftkit
+from peftkit.core.adapter import AdapterLayer, adapter_parameters
+from peftkit.core.config import MethodConfig
+from tests.tiny import Tiny, adapter_layer_names, perturb_adapters, weights
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """What the invariant tests need to know about one method.
+
+    Attributes:
+        config: model kind ("llama", "gpt2", "bert", "t5", "mlp") -> a config that fits that tiny model.
+        identity_at_init: the method promises output == base output right after ``inject``.
+        mergeable: the method folds into the base weights (``merge`` / ``unmerge`` / ``unload(merge=True)``).
+    """
+
+    config: Callable[[str], MethodConfig]
+    identity_at_init: bool
+    mergeable: bool
+
+
+SPECS: dict[str, MethodSpec] = {
+    "lora": MethodSpec(
+        config=lambda kind: peftkit.LoraConfig(r=4, alpha=8, target_modules="all-linear"),
+        identity_at_init=True,
+        mergeable=True,
+    ),
+}
+
+METHODS = sorted(peftkit.list_methods())
+ATOL = 1e-5  # fp32
+
+
+def spec_for(method: str) -> MethodSpec:
+    if method not in SPECS:
+        pytest.fail(f"method {method!r} is registered but has no entry in SPECS in {__file__}: add a config for the "
+                    "tiny models and say whether it is the identity at init and mergeable")
+    return SPECS[method]
+
+
+def adapted(method: str, tiny: Tiny, perturb: bool = True) -> tuple[nn.Module, torch.Tensor]:
+    """(a fresh tiny model with the method attached, the base model's output)."""
+    model = tiny.build()
+    base_out = tiny.run(model)
+    peftkit.inject(model, spec_for(method).config(tiny.kind))
+    if perturb:
+        perturb_adapters(model)
+        assert (tiny.run(model) - base_out).abs().max() > 1e-3, "random adapter weights should change the output"
+    return model, base_out
+
+
+def test_every_registered_method_has_a_spec() -> None:
+    missing = sorted(set(peftkit.list_methods()) - set(SPECS))
+    assert not missing, f"registered methods without an entry in SPECS: {missing}"
+    for name, spec in SPECS.items():
+        assert type(spec.config("mlp")) is peftkit.get_method(name).config_cls
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_output_equals_base_at_init(method: str, tiny_any: Tiny) -> None:
+    if not spec_for(method).identity_at_init:
+        pytest.skip(f"{method} does not promise the base output at init")
+    model, base_out = adapted(method, tiny_any, perturb=False)
+    assert adapter_layer_names(model)
+    torch.testing.assert_close(tiny_any.run(model), base_out, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_merged_equals_unmerged(method: str, tiny_any: Tiny) -> None:
+    model, _ = adapted(method, tiny_any)
+    if not spec_for(method).mergeable:
+        with pytest.raises(TypeError, match="cannot be merged"):
+            peftkit.merge(model)
+        return
+    unmerged = tiny_any.run(model)
+    peftkit.merge(model)
+    assert all(layer.merged for layer in model.modules() if isinstance(layer, AdapterLayer))
+    torch.testing.assert_close(tiny_any.run(model), unmerged, rtol=0, atol=ATOL)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_unmerge_restores_base_weights(method: str, tiny_any: Tiny) -> None:
+    if not spec_for(method).mergeable:
+        pytest.skip(f"{method} does not merge")
+    base = weights(tiny_any.build())
+    model, base_out = adapted(method, tiny_any)
+    unmerged = tiny_any.run(model)
+    peftkit.merge(model)
+    peftkit.unmerge(model)
+    restored = {k.replace(".base_layer.", "."): v for k, v in weights(model).items()}
+    for key, w in base.items():
+        torch.testing.assert_close(restored[key], w, rtol=0, atol=1e-6, msg=key)
+    torch.testing.assert_close(tiny_any.run(model), unmerged, rtol=0, atol=ATOL)
+    # and unload(merge=True) leaves a plain model computing the adapted output
+    peftkit.unload(model, merge=True)
+    assert adapter_layer_names(model) == [] and sorted(model.state_dict()) == sorted(base)
+    torch.testing.assert_close(tiny_any.run(model), unmerged, rtol=0, atol=ATOL)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_only_adapter_parameters_train_and_get_gradients(method: str, tiny_any: Tiny) -> None:
+    model, _ = adapted(method, tiny_any)
+    adapter = dict(adapter_parameters(model))
+    assert adapter
+    adapter_ids = {id(p) for p in adapter.values()}
+    trainable_ids = {id(p) for p in model.parameters() if p.requires_grad}
+    assert trainable_ids == adapter_ids
+    assert peftkit.count_parameters(model).trainable == sum(p.numel() for p in adapter.values())
+
+    model.train()
+    out = tiny_any.run_grad(model)
+    probe = torch.randn(out.shape, generator=torch.Generator().manual_seed(5))
+    (out.float() * probe).sum().backward()
+    no_grad = [k for k, p in adapter.items() if p.grad is None or torch.count_nonzero(p.grad) == 0]
+    assert not no_grad, f"adapter parameters without gradient: {no_grad}"
+    base_with_grad = [n for n, p in model.named_parameters() if id(p) not in adapter_ids and p.grad is not None]
+    assert not base_with_grad
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_save_load_round_trip(method: str, tiny_any: Tiny, tmp_path: Path) -> None:
+    model, _ = adapted(method, tiny_any)
+    out = tiny_any.run(model)
+    peftkit.save_adapter(model, tmp_path / "adapter")
+    loaded = peftkit.load_adapter(tiny_any.build(), tmp_path / "adapter")
+    assert adapter_layer_names(loaded) == adapter_layer_names(model)
+    saved, back = peftkit.adapter_state_dict(model), peftkit.adapter_state_dict(loaded)
+    assert sorted(saved) == sorted(back) and all(torch.equal(saved[k], back[k]) for k in saved)
+    torch.testing.assert_close(tiny_any.run(loaded), out, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_adapter_off_equals_base(method: str, tiny_any: Tiny) -> None:
+    model, base_out = adapted(method, tiny_any)
+    adapted_out = tiny_any.run(model)
+    with peftkit.disable_adapters(model):
+        torch.testing.assert_close(tiny_any.run(model), base_out, rtol=0, atol=1e-6)
+    torch.testing.assert_close(tiny_any.run(model), adapted_out, rtol=0, atol=0)
+    if spec_for(method).mergeable:
+        peftkit.merge(model)
+        with peftkit.disable_adapters(model):
+            torch.testing.assert_close(tiny_any.run(model), base_out, rtol=0, atol=ATOL)
+        torch.testing.assert_close(tiny_any.run(model), adapted_out, rtol=0, atol=ATOL)
