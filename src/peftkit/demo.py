@@ -38,7 +38,7 @@ def demo_config(output_dir: str, steps: int) -> RunConfig:
     return load_config(None, [*DEMO_OVERRIDES, f"output_dir={output_dir}", f"train.max_steps={steps}"])
 
 
-def demo(output_dir: str = "runs/demo", steps: int = 150, eval_examples: int = 300, log=print) -> dict[str, Any]:
+def demo(output_dir: str = "runs/demo", steps: int = 60, eval_examples: int = 200, log=print) -> dict[str, Any]:
     """Train the demo and report accuracy before/after on held-out test reviews."""
     from peftkit.models import load_model
 

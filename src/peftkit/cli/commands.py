@@ -120,8 +120,8 @@ def run_info(args: argparse.Namespace) -> int:
 def _demo(sub: Any) -> None:
     p = sub.add_parser("demo", help="LoRA on smollm2-135m + rotten-tomatoes: accuracy before/after, a sample")
     p.add_argument("--output-dir", default="runs/demo")
-    p.add_argument("--steps", type=int, default=150, help="training steps")
-    p.add_argument("--eval-examples", type=int, default=300, help="test examples scored before and after")
+    p.add_argument("--steps", type=int, default=60, help="training steps")
+    p.add_argument("--eval-examples", type=int, default=200, help="test examples scored before and after")
     p.set_defaults(handler=run_demo)
 
 

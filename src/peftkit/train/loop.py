@@ -4,7 +4,9 @@ parameters have ``requires_grad`` on a model that maps a batch to logits (minGPT
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
+import warnings
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -28,8 +30,23 @@ class TrainingError(PeftkitError):
 
 def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
     if precision == "bf16":
+        if not native_bf16(device):
+            warnings.warn("precision=bf16 on a CPU without native bf16 (no AVX512-BF16/AMX): matmuls are emulated and "
+                          "far slower than fp32 here (measured 0.3 vs 120 GFLOP/s); use train.precision=fp32", stacklevel=2)
         return torch.autocast(device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
+
+
+@functools.cache
+def native_bf16(device: torch.device) -> bool:
+    """Does this device compute bf16 matmuls in hardware?"""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    try:
+        flags = Path("/proc/cpuinfo").read_text().split()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 def model_device(model: nn.Module) -> torch.device:
