@@ -57,3 +57,22 @@ def test_apply_override_nested():
     d = {}
     apply_override(d, "method.target_modules=[q_proj, v_proj]")
     assert d == {"method": {"target_modules": ["q_proj", "v_proj"]}}
+
+
+@pytest.mark.parametrize("name", ["lora-rotten-tomatoes.yaml", "chatterbot-alpaca.yaml"])
+def test_shipped_examples_are_valid(name):
+    from pathlib import Path
+
+    cfg = load_config(Path(__file__).parents[2] / "examples" / name)
+    assert cfg.method_config().method_name == "lora"
+
+
+def test_demo_matches_shipped_example():
+    from pathlib import Path
+
+    from peftkit.demo import demo_config
+
+    example = load_config(Path(__file__).parents[2] / "examples" / "lora-rotten-tomatoes.yaml")
+    demo = demo_config(example.output_dir, example.train.max_steps)
+    assert demo.method_config() == example.method_config()
+    assert demo.train == example.train and demo.data == example.data

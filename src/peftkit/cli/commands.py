@@ -80,25 +80,38 @@ def run_merge(args: argparse.Namespace) -> int:
 
 
 def _eval(sub: Any) -> None:
-    p = sub.add_parser("eval", help="accuracy on a classification split by label likelihood")
+    p = sub.add_parser("eval", help="score a model (+ adapter) on a task: accuracy, ROUGE/BLEU, perplexity",
+                       description="Classification by label likelihood, MMLU-style multiple choice from a file "
+                                   "(question, choices, answer), free generation scored with EM/F1/ROUGE/BLEU/chrF, "
+                                   "or perplexity of a .txt file. --shots K gives the in-context baseline.")
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--adapter", help="adapter folder")
-    p.add_argument("--data", default="rotten-tomatoes", help="built-in dataset or file")
+    p.add_argument("--data", default="rotten-tomatoes", help="built-in dataset, data file, or .txt for perplexity")
+    p.add_argument("--task", default="auto", choices=["auto", "classification", "multiple_choice", "generation", "perplexity"])
     p.add_argument("--split", default="test", choices=["train", "validation", "test"])
     p.add_argument("--limit", type=int, help="evaluate the first N examples of a seeded shuffle")
+    p.add_argument("--shots", type=int, default=0, help="k solved training examples before each query (0: zero-shot)")
+    p.add_argument("--template", default="auto", choices=["auto", "chat", "alpaca", "none"])
+    p.add_argument("--max-new-tokens", type=int, default=48, help="generation tasks")
+    p.add_argument("--predictions", help="write per-example predictions to this JSONL file")
+    p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(handler=run_eval)
 
 
 def run_eval(args: argparse.Namespace) -> int:
-    from peftkit.eval.tasks import evaluate_classification, load_model_with_adapter
+    from peftkit.eval.tasks import evaluate, load_model_with_adapter
 
     model, tok = load_model_with_adapter(args.model, args.adapter)
-    res = evaluate_classification(model, tok, args.data, args.split, args.limit)
+    res = evaluate(model, tok, args.data, args.task, args.split, args.limit, args.shots, args.template, args.seed,
+                   max_new_tokens=args.max_new_tokens, predictions_file=args.predictions)
     if args.json:
-        print(json.dumps({k: v for k, v in res.items() if k != "predictions"}))
+        print(json.dumps(res))
     else:
-        print(f"{res['data']} {res['split']}: accuracy {res['accuracy']:.4f} on {res['n']} examples")
+        head = f"{res['data']} ({res['task']}"
+        head += f", {res['split']}, {res['n']} examples, {res['shots']}-shot)" if "split" in res else ")"
+        metrics = {k: v for k, v in res.items() if isinstance(v, float)}
+        print(head + ": " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
     return 0
 
 
@@ -132,5 +145,24 @@ def run_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-REGISTER = [_train, _generate, _eval, _merge, _info, _demo]
+def _inspect_prompt(sub: Any) -> None:
+    p = sub.add_parser("inspect-prompt", help="nearest vocabulary tokens of each virtual token of a soft prompt",
+                       description="For each virtual token of a prompt tuning or P-tuning adapter, the vocabulary "
+                                   "tokens whose input embeddings are closest by cosine similarity.")
+    p.add_argument("adapter_dir", metavar="ADAPTER_DIR", help="adapter folder (peftkit or PEFT format)")
+    p.add_argument("--model", help="base model alias or folder (default: the adapter's base_model_name_or_path)")
+    p.add_argument("--top-k", type=int, default=5, help="tokens listed per virtual token")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(handler=run_inspect_prompt)
+
+
+def run_inspect_prompt(args: argparse.Namespace) -> int:
+    from peftkit.eval.inspect_prompt import format_table, inspect_prompt
+
+    rows = inspect_prompt(args.adapter_dir, args.model, args.top_k)
+    print(json.dumps(rows, ensure_ascii=False) if args.json else format_table(rows))
+    return 0
+
+
+REGISTER = [_train, _generate, _eval, _merge, _info, _demo, _inspect_prompt]
 __all__ = ["REGISTER"]

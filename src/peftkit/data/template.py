@@ -53,7 +53,7 @@ class Template:
         if "prompt" in example:
             return example["prompt"]
         if self.kind == "chat":
-            return self.tokenizer.apply_chat_template(_messages(example)[:-1], tokenize=False, add_generation_prompt=True)
+            return self.tokenizer.apply_chat_template(to_messages(example)[:-1], tokenize=False, add_generation_prompt=True)
         if self.kind == "alpaca":
             return _alpaca_prompt(example)
         return "\n".join(p for p in (example.get("instruction", ""), example.get("input", "")) if p) + "\n"
@@ -65,7 +65,7 @@ class Template:
         if "text" in example and "instruction" not in example and "messages" not in example:
             return example["text"]
         if self.kind == "chat":
-            messages = _messages(example)
+            messages = to_messages(example)
             prompt = self.tokenizer.apply_chat_template(messages[:-1], tokenize=False, add_generation_prompt=True)
             full = self.tokenizer.apply_chat_template(messages, tokenize=False)
             if full.startswith(prompt):
@@ -97,6 +97,15 @@ class Template:
         return sorted(i for i in ids if i is not None)
 
 
+def with_response(example: dict[str, Any], text: str) -> dict[str, Any]:
+    """A copy of ``example`` whose response is ``text`` (used to score candidate answers)."""
+    if "messages" in example:
+        messages = list(example["messages"])
+        messages[-1] = {**messages[-1], "content": text}
+        return {**example, "messages": messages}
+    return {**example, ("completion" if "completion" in example else "output"): text}
+
+
 def user_example(prompt: str, system: str | None = None) -> dict[str, Any]:
     """An alpaca-style example for a free prompt typed by a user (``peftkit generate``)."""
     ex = {"instruction": prompt, "input": "", "output": ""}
@@ -105,7 +114,8 @@ def user_example(prompt: str, system: str | None = None) -> dict[str, Any]:
     return ex
 
 
-def _messages(example: dict[str, Any]) -> list[dict[str, str]]:
+def to_messages(example: dict[str, Any]) -> list[dict[str, str]]:
+    """The example as a chat: [system], user, assistant (the assistant turn holds the response)."""
     if "messages" in example:
         return example["messages"]
     user = example["instruction"] + (f"\n\n{example['input']}" if example.get("input") else "")

@@ -1,0 +1,57 @@
+import pytest
+import torch
+import torch.nn.functional as F
+
+from peftkit.data.collate import pad_batch
+from peftkit.data.template import Template
+from peftkit.data.tokenize import IGNORE
+from peftkit.eval.classify import classify, option_logprobs, option_tokens
+
+EXAMPLES = [
+    {"instruction": "Classify the sentiment.", "input": "I loved it, wonderful.", "output": "positive"},
+    {"instruction": "Classify the sentiment.", "input": "Dull.", "output": "negative"},
+    {"instruction": "Classify the sentiment of this long review.", "input": "word " * 20, "output": "negative"},
+]
+OPTIONS = ["negative", "positive", "mixed feelings overall"]
+
+
+def naive_scores(model, template, examples, options):
+    """Reference: one full forward per (example, option), right padded, sum of response log-probs."""
+    out = torch.empty(len(examples), len(options))
+    for i, ex in enumerate(examples):
+        prompt = template.prompt_ids(ex)
+        for j, ans in enumerate(option_tokens(template, ex, options)):
+            ids = torch.tensor([prompt + ans])
+            with torch.no_grad():
+                logp = F.log_softmax(model(ids).logits[0, :-1], -1)
+            tgt = ids[0, 1:]
+            out[i, j] = logp[torch.arange(len(tgt)), tgt][len(prompt) - 1:].sum()
+    return out
+
+
+@pytest.mark.parametrize("batch_size", [1, 2, 16])
+def test_cached_batched_scoring_equals_naive(tiny_lm, batch_size):
+    model, tok = tiny_lm
+    template = Template.create(tok)
+    got = option_logprobs(model, template, EXAMPLES, OPTIONS, batch_size=batch_size)
+    torch.testing.assert_close(got, naive_scores(model, template, EXAMPLES, OPTIONS), atol=1e-3, rtol=1e-4)
+
+
+def test_classify_picks_the_option_the_model_was_taught(tiny_lm, tmp_path):
+    """A constructed case with a known answer: train the tiny LM until it says the label, then classify."""
+    from peftkit.data.tokenize import encode_all
+    from peftkit.train.config import TrainConfig
+    from peftkit.train.loop import Trainer
+
+    model, tok = tiny_lm
+    template = Template.create(tok)
+    rows = [{"instruction": "Is this good?", "input": w, "output": lab}
+            for w, lab in [("great", "positive"), ("awful", "negative"), ("superb", "positive"), ("bad", "negative")]]
+    before = classify(model, template, rows, ["negative", "positive"])
+    # every weight trains (the loop is method-agnostic): the tiny model memorises the four labels quickly
+    Trainer(model, encode_all(template, rows * 4, 64).examples, [], TrainConfig(max_steps=60, batch_size=8, lr=1e-2,
+            warmup_steps=0, save_every=0, eval_every=0, schedule="constant"), tok.pad_token_id, tmp_path,
+            show_progress=False).fit()
+    after = classify(model, template, rows, ["negative", "positive"])
+    assert after.accuracy == 1.0 and after.predictions == [r["output"] for r in rows]
+    assert before.n == after.n == 4
