@@ -76,3 +76,6 @@ def hf_base_dir(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], Pat
         return saved[kind]
 
     return get
+
+
+from tests.lm import tiny_lm, tiny_lm_dir, tokenizer  # noqa: E402, F401  (the real tokenizer + a tiny Llama)

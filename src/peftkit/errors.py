@@ -15,3 +15,7 @@ class DataError(PeftkitError):
 
 class AdapterFileError(PeftkitError):
     """An adapter folder is missing, malformed, or does not fit the model."""
+
+
+class NotMergeableError(PeftkitError, TypeError):
+    """A method whose adapter cannot be folded into the base weights was asked to merge."""

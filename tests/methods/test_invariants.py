@@ -21,7 +21,19 @@ import torch.nn as nn
 import peftkit
 from peftkit.core.adapter import AdapterLayer, adapter_parameters
 from peftkit.core.config import MethodConfig
-from tests.tiny import Tiny, adapter_layer_names, perturb_adapters, weights
+from peftkit.methods.bottleneck import BottleneckConfig
+from peftkit.methods.dora import DoraConfig
+from peftkit.methods.ia3 import IA3Config
+from peftkit.methods.llama_adapter import LlamaAdapterConfig
+from peftkit.methods.p_tuning import PTuningConfig
+from peftkit.methods.prefix_tuning import PrefixTuningConfig
+from peftkit.methods.prompt_tuning import PromptTuningConfig
+from peftkit.errors import PeftkitError
+from peftkit.methods.bitfit import BitFitConfig
+from peftkit.methods.full import FullConfig
+from peftkit.methods.linear_probe import LinearProbeConfig
+from peftkit.methods.selective import SelectiveConfig
+from tests.tiny import KINDS, Tiny, adapter_layer_names, perturb_adapters, weights
 
 
 @dataclass(frozen=True)
@@ -32,11 +44,15 @@ class MethodSpec:
         config: model kind ("llama", "gpt2", "bert", "t5", "mlp") -> a config that fits that tiny model.
         identity_at_init: the method promises output == base output right after ``inject``.
         mergeable: the method folds into the base weights (``merge`` / ``unmerge`` / ``unload(merge=True)``).
+        kinds: the tiny model kinds the method applies to (tests on the others are skipped).
+        in_place: the method trains base parameters in place (no adapter layers; nothing to switch off).
     """
 
     config: Callable[[str], MethodConfig]
     identity_at_init: bool
     mergeable: bool
+    kinds: tuple[str, ...] = KINDS
+    in_place: bool = False
 
 
 SPECS: dict[str, MethodSpec] = {
@@ -45,6 +61,61 @@ SPECS: dict[str, MethodSpec] = {
         identity_at_init=True,
         mergeable=True,
     ),
+    "ia3": MethodSpec(
+        config=lambda kind: IA3Config(target_modules=["fc1", "fc2", "out"], feedforward_modules=["fc2"])
+        if kind == "mlp" else IA3Config(target_modules="all-linear"),  # the family's feed-forward modules
+        identity_at_init=True,
+        mergeable=True,
+    ),
+    "dora": MethodSpec(
+        config=lambda kind: DoraConfig(r=4, alpha=8, target_modules="all-linear"),
+        identity_at_init=True,
+        mergeable=True,
+    ),
+    "bottleneck_adapter": MethodSpec(
+        config=lambda kind: BottleneckConfig(size=4, placement="ffn", ffn_modules=["fc1", "fc2"])
+        if kind == "mlp" else BottleneckConfig(size=4),
+        identity_at_init=True,
+        mergeable=False,
+    ),
+    "llama_adapter": MethodSpec(
+        config=lambda kind: LlamaAdapterConfig(adapter_len=3, adapter_layers=1),
+        identity_at_init=True,
+        mergeable=False,
+        kinds=("llama", "gpt2"),
+    ),
+    # soft prompts need a language model with input and output embeddings: not the MLP or the bare BERT encoder
+    "prompt_tuning": MethodSpec(
+        config=lambda kind: PromptTuningConfig(num_virtual_tokens=3),
+        identity_at_init=False,
+        mergeable=False,
+        kinds=("llama", "gpt2", "t5"),
+    ),
+    "p_tuning": MethodSpec(
+        config=lambda kind: PTuningConfig(num_virtual_tokens=3, encoder_hidden_size=8),
+        identity_at_init=False,
+        mergeable=False,
+        kinds=("llama", "gpt2", "t5"),
+    ),
+    "prefix_tuning": MethodSpec(
+        config=lambda kind: PrefixTuningConfig(num_virtual_tokens=3),
+        identity_at_init=False,
+        mergeable=False,
+        kinds=("llama", "gpt2", "t5"),
+    ),
+    # selective methods train base parameters in place
+    "selective": MethodSpec(
+        config=lambda kind: SelectiveConfig(patterns=["fc1.weight", "fc1.bias"]) if kind == "mlp"
+        else SelectiveConfig(kinds=["norm"]),
+        identity_at_init=True, mergeable=False, in_place=True,
+    ),
+    "bitfit": MethodSpec(config=lambda kind: BitFitConfig(), identity_at_init=True, mergeable=False, in_place=True,
+                         kinds=("gpt2", "bert", "mlp")),  # Llama and T5 layers have no biases
+    "linear_probe": MethodSpec(
+        config=lambda kind: LinearProbeConfig(head=["out"]) if kind == "mlp" else LinearProbeConfig(),
+        identity_at_init=True, mergeable=False, in_place=True, kinds=("llama", "gpt2", "t5", "mlp"),
+    ),
+    "full": MethodSpec(config=lambda kind: FullConfig(), identity_at_init=True, mergeable=False, in_place=True),
 }
 
 METHODS = sorted(peftkit.list_methods())
@@ -60,6 +131,8 @@ def spec_for(method: str) -> MethodSpec:
 
 def adapted(method: str, tiny: Tiny, perturb: bool = True) -> tuple[nn.Module, torch.Tensor]:
     """(a fresh tiny model with the method attached, the base model's output)."""
+    if tiny.kind not in spec_for(method).kinds:
+        pytest.skip(f"{method} does not apply to {tiny.kind} models")
     model = tiny.build()
     base_out = tiny.run(model)
     peftkit.inject(model, spec_for(method).config(tiny.kind))
@@ -81,13 +154,18 @@ def test_output_equals_base_at_init(method: str, tiny_any: Tiny) -> None:
     if not spec_for(method).identity_at_init:
         pytest.skip(f"{method} does not promise the base output at init")
     model, base_out = adapted(method, tiny_any, perturb=False)
-    assert adapter_layer_names(model)
+    assert adapter_layer_names(model) or spec_for(method).in_place
     torch.testing.assert_close(tiny_any.run(model), base_out, rtol=0, atol=1e-6)
 
 
 @pytest.mark.parametrize("method", METHODS)
 def test_merged_equals_unmerged(method: str, tiny_any: Tiny) -> None:
     model, _ = adapted(method, tiny_any)
+    if spec_for(method).in_place:  # already in the weights: merging changes nothing
+        before = tiny_any.run(model)
+        peftkit.merge(model)
+        torch.testing.assert_close(tiny_any.run(model), before, rtol=0, atol=0)
+        return
     if not spec_for(method).mergeable:
         with pytest.raises(TypeError, match="cannot be merged"):
             peftkit.merge(model)
@@ -153,6 +231,11 @@ def test_save_load_round_trip(method: str, tiny_any: Tiny, tmp_path: Path) -> No
 def test_adapter_off_equals_base(method: str, tiny_any: Tiny) -> None:
     model, base_out = adapted(method, tiny_any)
     adapted_out = tiny_any.run(model)
+    if spec_for(method).in_place:
+        with pytest.raises(PeftkitError, match="in place"):
+            with peftkit.disable_adapters(model):
+                pass
+        return
     with peftkit.disable_adapters(model):
         torch.testing.assert_close(tiny_any.run(model), base_out, rtol=0, atol=1e-6)
     torch.testing.assert_close(tiny_any.run(model), adapted_out, rtol=0, atol=0)

@@ -115,6 +115,26 @@ def run_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _compare(sub: Any) -> None:
+    p = sub.add_parser("compare", help="train several methods on one task and report the trade-offs",
+                       description="Runs every method in CONFIG.yaml's `runs` with the same budget, scores each on "
+                                   "the same test examples next to zero-/few-shot baselines, and writes report.md, "
+                                   "report.json, report.html and PNG plots to output_dir. Finished runs are reused.")
+    p.add_argument("config", help="compare config (see examples/compare-rotten-tomatoes.yaml)")
+    p.add_argument("overrides", nargs="*", metavar="key=value")
+    p.set_defaults(handler=run_compare)
+
+
+def run_compare(args: argparse.Namespace) -> int:
+    from peftkit.eval.compare import compare, load_compare_config
+
+    report = compare(load_compare_config(args.config, list(args.overrides)))
+    from peftkit.eval.compare import markdown_table
+
+    print(markdown_table(report))
+    return 0
+
+
 def _info(sub: Any) -> None:
     p = sub.add_parser("info", help="methods, built-in models and datasets; parameter count of a config")
     p.add_argument("config", nargs="?", help="YAML config: print its trainable-parameter count (no training)")
@@ -164,5 +184,5 @@ def run_inspect_prompt(args: argparse.Namespace) -> int:
     return 0
 
 
-REGISTER = [_train, _generate, _eval, _merge, _info, _demo, _inspect_prompt]
+REGISTER = [_train, _generate, _eval, _compare, _merge, _info, _demo, _inspect_prompt]
 __all__ = ["REGISTER"]

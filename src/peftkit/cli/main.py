@@ -28,14 +28,20 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return args.handler(args) or 0
-    except (PeftkitError, FileNotFoundError, NotADirectoryError, PermissionError) as e:
+    except (PeftkitError, OSError) as e:  # OSError: a path the user gave (missing, too long, unwritable, disk full)
         if os.environ.get("PEFTKIT_DEBUG"):
             raise
-        print(f"peftkit: error: {e}", file=sys.stderr)
+        print(f"peftkit: error: {one_line(e)}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("peftkit: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:  # training stops cleanly on SIGINT/SIGTERM and says how to resume
+        print(f"peftkit: {one_line(e) if str(e) else 'interrupted'}", file=sys.stderr)
+        return getattr(e, "exit_code", 130)
+
+
+def one_line(e: BaseException, limit: int = 2000) -> str:
+    """The message on one line (user-given values can hold newlines), cut if very long."""
+    text = str(e).replace("\r", "\\r").replace("\n", "\\n")
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 if __name__ == "__main__":

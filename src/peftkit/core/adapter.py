@@ -18,6 +18,8 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from peftkit.errors import NotMergeableError, PeftkitError
+
 DEFAULT_ADAPTER = "default"
 STATE_ATTR = "peftkit_state"
 
@@ -67,6 +69,11 @@ class AdapterLayer(nn.Module):
                 for sub, p in item.named_parameters():
                     yield f"{attr}.{sub}", p
 
+    def release(self) -> nn.Module:
+        """Called when this layer leaves the model: undo its side effects (e.g. hooks it installed on the model)
+        and return the module that takes its place, the wrapped layer."""
+        return self.base_layer
+
     def delete_adapter(self, adapter: str) -> None:
         if adapter in self.merged_adapters:
             raise ValueError(f"adapter {adapter!r} is merged; unmerge it before deleting it")
@@ -79,7 +86,7 @@ class AdapterLayer(nn.Module):
     # -- merging ------------------------------------------------------------------------
     def merge(self, adapters: list[str] | None = None) -> None:
         if not self.mergeable:
-            raise TypeError(f"{type(self).__name__} cannot be merged into the base weights")
+            raise NotMergeableError(f"{type(self).__name__} cannot be merged into the base weights")
         for name in adapters or self.active_adapters:
             if name in self.merged_adapters:
                 continue
@@ -155,7 +162,12 @@ def adapter_parameters(model: nn.Module, adapter: str | None = None) -> Iterator
 
 
 def _extra_trainable(model: nn.Module, config: Any) -> Iterator[tuple[str, nn.Parameter]]:
-    """Base parameters a config asks to train and save too: biases (``bias``) and ``modules_to_save``."""
+    """Base parameters a config asks to train and save too: biases (``bias``) and ``modules_to_save``, or
+    the whole selection of methods that train base parameters in place (``trainable_base_parameters``)."""
+    select = getattr(config, "trainable_base_parameters", None)
+    if select is not None:
+        yield from select(model)
+        return
     bias = getattr(config, "bias", "none")
     extra = list(getattr(config, "modules_to_save", None) or [])
     adapter_ids = {id(p) for _, layer in adapter_layers(model) for a in layer.adapter_names()
@@ -211,6 +223,11 @@ def count_parameters(model: nn.Module) -> ParamCount:
 @contextlib.contextmanager
 def disable_adapters(model: nn.Module) -> Iterator[None]:
     """Within the block the model behaves exactly as its base (merged adapters are unmerged)."""
+    state = getattr(model, STATE_ATTR, None)
+    in_place = [a for a in (state.active if state else []) if getattr(state.configs[a], "in_place", False)]
+    if in_place:
+        raise PeftkitError(f"adapter {in_place[0]!r} ({state.configs[in_place[0]].method_name}) trains the base "
+                           "weights in place: there is no separate adapter to turn off (load a fresh base instead)")
     layers = [layer for _, layer in adapter_layers(model)]
     before = [layer.disabled for layer in layers]
     for layer in layers:

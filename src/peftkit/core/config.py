@@ -121,6 +121,23 @@ class MethodConfig:
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.method_name, **to_dict(self)}
 
+    # -- adapter files (peftkit.core.io) -------------------------------------------------------------
+    def to_file(self, model: Any, adapter_name: str, tensors: dict[str, Any]) -> dict[str, Any]:
+        """The tensors written to the adapter file, given the adapter's parameters under their file keys.
+
+        Default: the parameters themselves. Methods whose files are laid out otherwise override it (soft
+        prompts: PEFT's single ``prompt_embeddings`` tensor, computed from the parameters).
+        """
+        return tensors
+
+    def from_file(self, model: Any, adapter_name: str, tensors: dict[str, Any]) -> dict[str, Any]:
+        """The inverse of :meth:`to_file` on load: a file's tensors under the adapter's parameter file keys.
+
+        It may reshape the freshly attached adapter to fit the file (a P-tuning file holds the encoder's output,
+        so the encoder becomes a plain table). Raises AdapterFileError for tensors that do not fit.
+        """
+        return tensors
+
 
 @dataclass
 class TargetedConfig(MethodConfig):

@@ -17,6 +17,7 @@ from peftkit.core.adapter import (
 )
 from peftkit.core.config import MethodConfig
 from peftkit.core.registry import get_method
+from peftkit.errors import NotMergeableError
 
 
 def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
@@ -70,12 +71,27 @@ def merge(model: nn.Module) -> nn.Module:
     """Fold the active adapters into the base weights (forward then costs what the base costs).
 
     Raises:
+        NotMergeableError: an active adapter's method cannot be merged (e.g. bottleneck adapters); nothing is merged.
         ValueError: a weight to merge into is shared with another module (tied input/output embeddings).
     """
+    _refuse_unmergeable(model)
     _refuse_tied_merge(model)
     for _, layer in adapter_layers(model):
         layer.merge()
     return model
+
+
+def _refuse_unmergeable(model: nn.Module) -> None:
+    # Checked up front so that a model mixing methods is never left half merged.
+    state = get_state(model)
+    for name, layer in adapter_layers(model):
+        active = [a for a in layer.active_adapters if a not in layer.merged_adapters]
+        if active and not layer.mergeable:
+            config = state.configs.get(active[0])
+            method = getattr(config, "method_name", "") or type(layer).__name__
+            raise NotMergeableError(
+                f"adapter {active[0]!r} ({method}) cannot be merged into the base weights: what it adds at {name!r} "
+                "is no change of a weight; keep the adapter unmerged (unloading without merge removes it)")
 
 
 def _refuse_tied_merge(model: nn.Module) -> None:
@@ -109,13 +125,14 @@ def unload(model: nn.Module, merge: bool = False) -> nn.Module:
     """
     get_state(model)
     if merge:
+        _refuse_unmergeable(model)
         _refuse_tied_merge(model)
     for name, layer in list(adapter_layers(model)):
         if merge:
             layer.merge()
         else:
             layer.unmerge()
-        replace_module(model, name, layer.base_layer)
+        replace_module(model, name, layer.release())
     object.__delattr__(model, STATE_ATTR)
     for p in model.parameters():
         p.requires_grad_(True)
@@ -130,6 +147,6 @@ def delete_adapter(model: nn.Module, adapter_name: str) -> None:
     for name, layer in list(adapter_layers(model)):
         layer.delete_adapter(adapter_name)
         if not layer.adapter_names():
-            replace_module(model, name, layer.base_layer)
+            replace_module(model, name, layer.release())
     del state.configs[adapter_name], state.targets[adapter_name]
     state.active = [a for a in state.active if a != adapter_name]

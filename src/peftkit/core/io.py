@@ -30,8 +30,9 @@ PREFIX = "base_model.model."
 
 def adapter_state_dict(model: nn.Module, adapter_name: str = DEFAULT_ADAPTER) -> dict[str, torch.Tensor]:
     """The adapter's tensors under PEFT file keys."""
-    get_state(model)
-    return {PREFIX + k: p.detach().cpu().contiguous() for k, p in adapter_parameters(model, adapter_name)}
+    config = get_state(model).configs[adapter_name]
+    tensors = {PREFIX + k: p for k, p in adapter_parameters(model, adapter_name)}
+    return {k: t.detach().cpu().contiguous() for k, t in config.to_file(model, adapter_name, tensors).items()}
 
 
 def save_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str = DEFAULT_ADAPTER) -> Path:
@@ -107,6 +108,10 @@ def load_adapter(
     except ConfigError as e:  # e.g. target modules of another architecture
         raise AdapterFileError(f"{path}: the adapter does not fit this model: {e}") from None
     try:
+        try:
+            tensors = config.from_file(model, adapter_name, tensors)
+        except AdapterFileError as e:
+            raise AdapterFileError(f"{weights_file}: {e}") from None
         _copy_into(model, adapter_name, tensors, weights_file)
     except AdapterFileError:
         from peftkit.core.inject import delete_adapter, unload

@@ -36,7 +36,11 @@ def read_records(path: str | Path) -> tuple[list[dict[str, Any]], list[str]]:
             not an object, or an empty file.
     """
     path = Path(path)
-    if not path.is_file():
+    try:
+        found = path.is_file()
+    except (OSError, ValueError) as e:  # a name too long for the file system, a NUL byte
+        raise DataError(f"data file {str(path)[:200]!r}: unusable path ({getattr(e, 'strerror', None) or e})") from None
+    if not found:
         raise DataError(f"data file not found: {path}")
     suffix = path.suffix.lower()
     if suffix == ".jsonl":
@@ -55,7 +59,7 @@ def read_records(path: str | Path) -> tuple[list[dict[str, Any]], list[str]]:
 def _read_jsonl(path: Path) -> tuple[list[dict], list[str]]:
     rows, where = [], []
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
+        lines = path.read_text(encoding="utf-8-sig").splitlines()
     except UnicodeDecodeError as e:
         raise DataError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
     for i, line in enumerate(lines, 1):
@@ -65,6 +69,10 @@ def _read_jsonl(path: Path) -> tuple[list[dict], list[str]]:
             row = json.loads(line)
         except json.JSONDecodeError as e:
             raise DataError(f"{path}:{i}: malformed JSON ({e.msg}, column {e.colno})") from None
+        except RecursionError:
+            raise DataError(f"{path}:{i}: JSON nested too deeply") from None
+        except ValueError as e:  # e.g. an integer longer than Python's digit limit
+            raise DataError(f"{path}:{i}: unreadable JSON value ({str(e).splitlines()[0][:120]})") from None
         if not isinstance(row, dict):
             raise DataError(f"{path}:{i}: expected a JSON object, got {type(row).__name__}")
         rows.append(row)
@@ -74,13 +82,15 @@ def _read_jsonl(path: Path) -> tuple[list[dict], list[str]]:
 
 def _read_json(path: Path) -> tuple[list[dict], list[str]]:
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(path.read_text(encoding="utf-8-sig"))
     except UnicodeDecodeError as e:
         raise DataError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
     except json.JSONDecodeError as e:
         raise DataError(f"{path}:{e.lineno}: malformed JSON ({e.msg}, column {e.colno})") from None
     except RecursionError:
         raise DataError(f"{path}: JSON nested too deeply") from None
+    except ValueError as e:  # e.g. an integer longer than Python's digit limit
+        raise DataError(f"{path}: unreadable JSON value ({str(e).splitlines()[0][:120]})") from None
     if isinstance(data, dict) and isinstance(data.get("data"), list):
         data = data["data"]
     if not isinstance(data, list):
@@ -138,9 +148,20 @@ def validate(rows: list[dict[str, Any]], where: list[str], fmt: str) -> str:
             value = row.get(key)
             if value is not None and not isinstance(value, str):
                 raise DataError(f"{loc}: field {key!r} must be a string, got {type(value).__name__}")
+            _check_text(value, f"{loc}: field {key!r}")
         if fmt != "text" and not row[REQUIRED[fmt][-1]].strip():
             raise DataError(f"{loc}: field {REQUIRED[fmt][-1]!r} is empty")
     return fmt
+
+
+def _check_text(value: str | None, where: str) -> None:
+    """Strings must be encodable text: JSON's ``\\ud800`` escapes give lone surrogates, which tokenizers reject."""
+    if value is None:
+        return
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise DataError(f"{where} is not valid Unicode text (lone surrogate at character {e.start})") from None
 
 
 def _check_messages(messages: Any, loc: str) -> None:
@@ -149,5 +170,6 @@ def _check_messages(messages: Any, loc: str) -> None:
     for j, m in enumerate(messages):
         if not isinstance(m, dict) or not isinstance(m.get("content"), str) or m.get("role") not in ("system", "user", "assistant"):
             raise DataError(f"{loc}: messages[{j}] must be {{'role': system|user|assistant, 'content': str}}")
+        _check_text(m["content"], f"{loc}: messages[{j}].content")
     if messages[-1]["role"] != "assistant":
         raise DataError(f"{loc}: the last message must be the assistant's (it is what the model learns to say)")

@@ -4,16 +4,22 @@ Layout: ``OUTPUT_DIR/checkpoints/step-000100/`` holding ``trainable.safetensors`
 with ``requires_grad``, whatever the method), ``optim.pt`` (optimizer, scheduler, RNG; read back with
 ``weights_only=True``, so nothing but tensors and plain containers is unpickled),
 ``trainer_state.json`` and the model export (``adapter/``). A checkpoint folder appears only once
-complete, so a run killed at any moment leaves the previous one loadable.
+complete (it is written as a hidden temporary folder and renamed), so a run killed at any moment,
+even in the middle of a write, leaves the previous checkpoint loadable. Old checkpoints are renamed
+away before they are deleted, so a half-deleted one never looks complete.
+
+In a distributed run every rank calls :func:`save_checkpoint` (gathering sharded state is collective);
+only rank 0 writes.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import torch
@@ -21,8 +27,17 @@ import torch.nn as nn
 from safetensors.torch import load_file, save_file
 
 from peftkit.core.files import atomic_dir
+from peftkit.errors import PeftkitError
+from peftkit.train.distributed import (
+    SINGLE, Dist, full_trainable_params, load_optimizer_state, load_trainable, optimizer_state, rng_states,
+)
 
 _STEP_RE = re.compile(r"^step-(\d+)$")
+_STALE_RE = re.compile(r"^\.(step-\d+)\.(tmp-|old-|deleting)")
+
+
+class CheckpointError(PeftkitError):
+    """A checkpoint cannot be written or read (disk full, unwritable folder, damaged files)."""
 
 
 @dataclass
@@ -35,6 +50,8 @@ class TrainState:
     tokens: int = 0
     best_eval_loss: float | None = None
     best_step: int | None = None
+    skipped_batches: int = 0
+    world_size: int = 1
 
 
 def checkpoint_dir(output_dir: Path) -> Path:
@@ -50,6 +67,17 @@ def list_checkpoints(output_dir: Path) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
+def remove_stale(output_dir: Path) -> int:
+    """Delete temporary folders a killed run left in ``checkpoints/``; returns how many."""
+    root = checkpoint_dir(output_dir)
+    if not root.is_dir():
+        return 0
+    stale = [p for p in root.iterdir() if _STALE_RE.match(p.name)]
+    for p in stale:
+        shutil.rmtree(p, ignore_errors=True)
+    return len(stale)
+
+
 def save_checkpoint(
     output_dir: Path,
     model: nn.Module,
@@ -58,26 +86,61 @@ def save_checkpoint(
     state: TrainState,
     export: Callable[[Path], None] | None = None,
     keep: int = 2,
+    dist: Dist = SINGLE,
 ) -> Path:
+    """Write ``checkpoints/step-N`` (rank 0), then delete all but the ``keep`` newest.
+
+    Raises:
+        CheckpointError: the folder cannot be written (disk full, permissions); the previous
+            checkpoints are untouched.
+    """
     path = checkpoint_dir(output_dir) / f"step-{state.step:06d}"
-    trainable = {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
-    with atomic_dir(path) as tmp:
-        save_file(trainable, str(tmp / "trainable.safetensors"))
-        torch.save(
-            {
-                "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(),
-                "torch_rng": torch.get_rng_state(),
-                "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-            },
-            tmp / "optim.pt",
-        )
-        (tmp / "trainer_state.json").write_text(json.dumps(asdict(state), indent=2))
-        if export is not None:
-            export(tmp / "adapter")
-    for old in list_checkpoints(output_dir)[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+    optim = optimizer_state(model, optimizer, dist)  # collective under FSDP
+    rngs = rng_states(dist)  # collective in any distributed run
+    with full_trainable_params(model):  # collective under FSDP
+        def write() -> None:
+            trainable = {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
+            try:
+                with atomic_dir(path) as tmp:
+                    save_file(trainable, str(tmp / "trainable.safetensors"))
+                    torch.save(
+                        {
+                            "optimizer": optim,
+                            "scheduler": scheduler.state_dict(),
+                            "torch_rng": rngs[0],
+                            "rank_rng": rngs,
+                            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+                        },
+                        tmp / "optim.pt",
+                    )
+                    (tmp / "trainer_state.json").write_text(json.dumps(asdict(state), indent=2))
+                    if export is not None:
+                        export(tmp / "adapter")
+            except OSError as e:
+                raise CheckpointError(write_error_message(f"checkpoint {path}", e, output_dir)) from None
+            for old in list_checkpoints(output_dir)[:-keep]:
+                _delete(old)
+
+        dist.run_on_main(write)
     return path
+
+
+def write_error_message(what: str, e: OSError, output_dir: Path) -> str:
+    """``cannot write WHAT: REASON; last complete checkpoint: ...`` (one line)."""
+    reason = e.strerror or str(e)
+    last = list_checkpoints(output_dir)
+    kept = f"; the last complete checkpoint {last[-1]} is intact" if last else ""
+    return f"cannot write {what}: {reason}{kept}"
+
+
+def _delete(folder: Path) -> None:
+    """Rename, then delete: a kill halfway leaves a hidden folder, not a damaged ``step-N``."""
+    doomed = folder.parent / f".{folder.name}.deleting"
+    try:
+        os.replace(folder, doomed)
+    except OSError:
+        return
+    shutil.rmtree(doomed, ignore_errors=True)
 
 
 def load_checkpoint(
@@ -85,20 +148,40 @@ def load_checkpoint(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
     scheduler: torch.optim.lr_scheduler.LRScheduler,
+    dist: Dist = SINGLE,
 ) -> TrainState:
-    """Restore a checkpoint into the (already built) model, optimizer and scheduler."""
-    tensors = load_file(str(path / "trainable.safetensors"))
-    params = dict(model.named_parameters())
-    missing = [n for n, p in params.items() if p.requires_grad and n not in tensors]
-    if missing or any(n not in params for n in tensors):
-        raise ValueError(f"{path}: checkpoint does not match this model/method (e.g. {(missing or list(tensors))[0]!r})")
-    with torch.no_grad():
-        for n, t in tensors.items():
-            params[n].copy_(t)
-    extra = torch.load(path / "optim.pt", weights_only=True)
-    optimizer.load_state_dict(extra["optimizer"])
-    scheduler.load_state_dict(extra["scheduler"])
-    torch.set_rng_state(extra["torch_rng"])
-    if extra["cuda_rng"] and torch.cuda.is_available():
+    """Restore a checkpoint into the (already built) model, optimizer and scheduler.
+
+    Raises:
+        CheckpointError: a damaged or foreign checkpoint (files unreadable, tensors of another
+            model/method, or anything in ``optim.pt`` that is not plain tensors and containers).
+    """
+    try:
+        tensors = load_file(str(path / "trainable.safetensors"))
+        extra = torch.load(path / "optim.pt", weights_only=True, map_location="cpu")
+        raw_state = json.loads((path / "trainer_state.json").read_text())
+    except Exception as e:  # safetensors, unpickler (weights_only refuses code) and json raise many types
+        raise CheckpointError(f"{path}: unreadable checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''})") from None
+    params = {n for n, p in model.named_parameters() if p.requires_grad}
+    missing = sorted(params - set(tensors))
+    if missing or set(tensors) - params:
+        raise CheckpointError(f"{path}: checkpoint does not match this model/method (e.g. {(missing or sorted(tensors))[0]!r})")
+    load_trainable(model, tensors, dist)
+    known = {f.name for f in fields(TrainState)}
+    state = TrainState(**{k: v for k, v in raw_state.items() if k in known})
+    opt = extra["optimizer"]
+    if "format" not in opt:  # written before distributed support: a plain optimizer.state_dict()
+        opt = {"format": "torch", "state": opt}
+    try:
+        load_optimizer_state(model, optimizer, opt, dist, str(path))
+        scheduler.load_state_dict(extra["scheduler"])
+    except (KeyError, ValueError, TypeError, RuntimeError) as e:
+        if isinstance(e, PeftkitError):
+            raise
+        raise CheckpointError(f"{path}: optimizer state does not fit this run ({type(e).__name__}: {e})") from None
+    rank_rng = extra.get("rank_rng") or [extra["torch_rng"]]
+    if dist.rank < len(rank_rng):
+        torch.set_rng_state(rank_rng[dist.rank])
+    if extra["cuda_rng"] and torch.cuda.is_available() and not dist.active:
         torch.cuda.set_rng_state_all(extra["cuda_rng"])
-    return TrainState(**json.loads((path / "trainer_state.json").read_text()))
+    return state

@@ -6,13 +6,14 @@ overridden with dotted ``key=value`` pairs (values are read as YAML: ``train.lr=
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 
-from peftkit.core.config import MethodConfig, check, from_dict, to_dict, unknown_key_error
+from peftkit.core.config import MethodConfig, check, from_dict, to_dict
 from peftkit.core.registry import get_method
 from peftkit.errors import ConfigError
 
@@ -72,6 +73,11 @@ class TrainConfig:
         precision: ``fp32``, or ``bf16`` autocast (adapter weights stay fp32).
         gradient_checkpointing: recompute activations in backward to save memory.
         threads: torch CPU threads (default: torch's choice).
+        distributed: ``auto`` (DDP when started by torchrun with several processes, else one process),
+            ``none``, ``ddp``, or ``fsdp`` (shard the model over ranks: for models that do not fit one
+            device). ``batch_size`` is per rank: effective batch = batch_size x ranks x grad_accum.
+        on_nan: a NaN/inf loss or gradient norm: ``stop`` (naming the step and the last good checkpoint)
+            or ``skip`` the batch (gives up after 10 bad steps in a row).
     """
 
     max_steps: int = 200
@@ -90,13 +96,20 @@ class TrainConfig:
     precision: Literal["fp32", "bf16"] = "fp32"
     gradient_checkpointing: bool = False
     threads: int | None = None
+    distributed: Literal["auto", "none", "ddp", "fsdp"] = "auto"
+    on_nan: Literal["stop", "skip"] = "stop"
 
     def __post_init__(self) -> None:
+        check(self.threads is None or self.threads > 0, f"train.threads must be > 0, got {self.threads}")
         for name in ("max_steps", "batch_size", "grad_accum", "keep_checkpoints", "log_every"):
             check(getattr(self, name) > 0, f"train.{name} must be > 0, got {getattr(self, name)}")
         for name in ("warmup_steps", "eval_every", "save_every"):
             check(getattr(self, name) >= 0, f"train.{name} must be >= 0, got {getattr(self, name)}")
-        check(self.lr > 0, f"train.lr must be > 0, got {self.lr}")
+        check(self.lr > 0 and math.isfinite(self.lr), f"train.lr must be a finite number > 0, got {self.lr}")
+        for name in ("weight_decay", "max_grad_norm"):
+            value = getattr(self, name)
+            check(value >= 0 and math.isfinite(value), f"train.{name} must be a finite number >= 0, got {value}")
+        check(self.threads is None or self.threads <= 4096, f"train.threads must be <= 4096, got {self.threads}")
 
 
 @dataclass
@@ -108,6 +121,8 @@ class RunConfig:
         train: optimisation settings.
         output_dir: where the run writes; the final adapter goes to OUTPUT_DIR/adapter (PEFT format).
         overwrite: allow replacing a finished run in output_dir.
+        trust_remote_code: let transformers run Python code shipped in the model folder (off: such a
+            model is refused). Only for folders you trust.
     """
 
     model: str = "smollm2-135m"
@@ -116,6 +131,17 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     output_dir: str = "runs/demo"
     overwrite: bool = False
+    trust_remote_code: bool = False
+
+    def __post_init__(self) -> None:
+        for name in ("model", "output_dir"):
+            value = getattr(self, name)
+            check(bool(value.strip()), f"{name} must not be empty")
+            check("\0" not in value, f"{name} must not contain a NUL character")
+        for name in ("train", "validation", "test"):
+            value = getattr(self.data, name)
+            check(value is None or (bool(value.strip()) and "\0" not in value),
+                  f"data.{name} must be a non-empty path or dataset name without NUL characters")
 
     def method_config(self) -> MethodConfig:
         """The typed config of the chosen method (validated)."""
@@ -151,9 +177,11 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig
         except yaml.YAMLError as e:
             mark = getattr(e, "problem_mark", None)
             line = f":{mark.line + 1}" if mark else ""
-            raise ConfigError(f"{p}{line}: invalid YAML ({getattr(e, 'problem', e)})") from None
+            raise ConfigError(f"{p}{line}: invalid YAML ({getattr(e, 'problem', None) or type(e).__name__})") from None
         except UnicodeDecodeError:
             raise ConfigError(f"{p}: not UTF-8 text") from None
+        except RecursionError:
+            raise ConfigError(f"{p}: YAML nested too deeply") from None
         if not isinstance(data, dict):
             raise ConfigError(f"{p}: the config must be a mapping of sections (model, method, data, train, output_dir)")
     data.setdefault("method", {"name": "lora"})
@@ -161,9 +189,31 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig
         apply_override(data, item)
     if isinstance(data.get("method"), str):
         data["method"] = {"name": data["method"]}
-    cfg = from_dict(RunConfig, data)
-    cfg.method_config()  # validate the method section now
+    _check_keys(data)
+    try:
+        cfg = from_dict(RunConfig, data)
+        cfg.method_config()  # validate the method section now
+    except RecursionError:
+        raise ConfigError("config nested too deeply") from None
     return cfg
+
+
+def _check_keys(node: Any, where: str = "", depth: int = 0, seen: set[int] | None = None) -> None:
+    """Every mapping key in the config must be a string (YAML also allows numbers, lists, null...).
+
+    YAML anchors can make shared or cyclic structures ("billion laughs"): each container is visited once.
+    """
+    seen = set() if seen is None else seen
+    if not isinstance(node, (dict, list)) or id(node) in seen:
+        return
+    seen.add(id(node))
+    if depth > 50:
+        raise ConfigError(f"config nested too deeply at {where or 'top level'}")
+    items = node.items() if isinstance(node, dict) else enumerate(node)
+    for key, value in items:
+        if isinstance(node, dict) and not isinstance(key, str):
+            raise ConfigError(f"config key {key!r} in {where.rstrip('.') or 'the top level'} must be a string")
+        _check_keys(value, f"{where}{key}." if isinstance(node, dict) else f"{where}[{key}].", depth + 1, seen)
 
 
 def apply_override(data: dict[str, Any], item: str) -> None:
@@ -175,6 +225,8 @@ def apply_override(data: dict[str, Any], item: str) -> None:
         value = yaml.safe_load(raw) if raw.strip() else ""
     except yaml.YAMLError:
         value = raw
+    except RecursionError:
+        raise ConfigError(f"override {key!r}: value nested too deeply") from None
     parts = key.split(".")
     node = data
     for part in parts[:-1]:
@@ -183,10 +235,7 @@ def apply_override(data: dict[str, Any], item: str) -> None:
         node = node.setdefault(part, {})
         if not isinstance(node, dict):
             raise ConfigError(f"override {key!r}: {part!r} is not a section")
-    top = {f for f in RunConfig.__dataclass_fields__}
-    if parts[0] not in top:
-        raise unknown_key_error(parts[0], sorted(top), "")
-    node[parts[-1]] = value
+    node[parts[-1]] = value  # unknown keys are reported (with the closest known one) when the config is built
 
 
 def dump_config(cfg: RunConfig) -> str:

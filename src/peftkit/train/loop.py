@@ -1,31 +1,57 @@
 """The training loop. Nothing here knows which method is being trained: it optimises whatever
-parameters have ``requires_grad`` on a model that maps a batch to logits (minGPT's trainer habit)."""
+parameters have ``requires_grad`` on a model that maps a batch to logits (minGPT's trainer habit).
+
+It also runs data-parallel (see :mod:`peftkit.train.distributed`) and survives faults: SIGINT/SIGTERM
+finish the current step and write a checkpoint; a NaN/inf loss or gradient stops the run naming the
+step and the last good checkpoint (or skips the batch with ``train.on_nan=skip``); a failed write
+(disk full) stops with the reason while earlier checkpoints stay intact.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import functools
+import json
 import math
-import warnings
+import signal
+import threading
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from peftkit.core.files import atomic_dir
+from peftkit.core.files import atomic_dir, atomic_write_text
 from peftkit.data.collate import Example, batch_order, pack_batch, pad_batch
 from peftkit.data.tokenize import IGNORE
 from peftkit.errors import PeftkitError
-from peftkit.train.checkpoint import TrainState, list_checkpoints, load_checkpoint, save_checkpoint
+from peftkit.train.checkpoint import (
+    CheckpointError, TrainState, checkpoint_dir, list_checkpoints, load_checkpoint, remove_stale, save_checkpoint, write_error_message,
+)
 from peftkit.train.config import TrainConfig
+from peftkit.train.distributed import SINGLE, Dist, full_trainable_params, local_value, no_sync, shard, wrap
 from peftkit.train.tracking import Tracker, peak_memory_mb
+
+MAX_CONSECUTIVE_SKIPS = 10  # train.on_nan=skip gives up after this many bad steps in a row
 
 
 class TrainingError(PeftkitError):
     """Training cannot go on (e.g. the loss became NaN)."""
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """SIGINT/SIGTERM stopped training cleanly after a checkpoint was written.
+
+    A KeyboardInterrupt so that ``except Exception`` does not swallow it; ``exit_code`` is 128 + signal.
+    """
+
+    def __init__(self, message: str, exit_code: int = 130) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
 
 
 def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
@@ -91,21 +117,76 @@ def make_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig) -> torch.
 
 
 @torch.no_grad()
-def evaluate_loss(model: nn.Module, examples: Sequence[Example], batch_size: int, pad_id: int, precision: str = "fp32") -> float:
-    """Mean per-token loss on ``examples`` (model put in eval mode, then restored)."""
+def evaluate_loss(model: nn.Module, examples: Sequence[Example], batch_size: int, pad_id: int, precision: str = "fp32",
+                  dist: Dist = SINGLE) -> float:
+    """Mean per-token loss on ``examples`` (model put in eval mode, then restored).
+
+    Distributed: each rank scores its slice of every global batch (``batch_size`` x ranks) and the sums
+    are all-reduced, so every rank returns the same value and runs the same number of forwards.
+    """
     was_training = model.training
     model.eval()
-    device = model_device(model)
-    total, count = 0.0, 0
+    device = dist.device if dist.active else model_device(model)
+    total, count = 0.0, 0.0
     order = sorted(range(len(examples)), key=lambda i: len(examples[i]["input_ids"]))
-    for s in range(0, len(order), batch_size):
-        batch = {k: v.to(device) for k, v in pad_batch([examples[i] for i in order[s:s + batch_size]], pad_id).items()}
+    step = batch_size * dist.world_size
+    for s in range(0, len(order), step):
+        mine, weight = local_slice(order[s:s + step], dist)
+        batch = {k: v.to(device) for k, v in pad_batch([examples[i] for i in mine], pad_id).items()}
         with autocast(device, precision):
             loss, n = lm_loss_sum(model, batch)
-        total += float(loss)
-        count += n
+        total += float(loss) * weight
+        count += n * weight
+    total, count = dist.all_reduce_sum([total, count])
     model.train(was_training)
     return total / max(count, 1)
+
+
+def local_slice(global_batch: Sequence[int], dist: Dist) -> tuple[list[int], float]:
+    """This rank's indices of a global batch and their weight; an empty slice (a short last batch)
+    becomes one example with weight 0, so the rank still joins the collectives of the step."""
+    mine = shard(global_batch, dist.rank, dist.world_size)
+    return (mine, 1.0) if mine else (list(global_batch[:1]), 0.0)
+
+
+class StopSignal:
+    """While active, SIGINT/SIGTERM only set ``signum``: the loop stops after the current step.
+
+    A second signal more than a second after the first stops at once (KeyboardInterrupt); one within
+    a second is taken as the same request forwarded by a launcher (torchrun passes signals on).
+    Handlers can only be set in the main thread; elsewhere this does nothing.
+    """
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self._at = 0.0
+        self._old: dict[int, Any] = {}
+
+    def __enter__(self) -> StopSignal:
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.signum is None:
+            self.signum, self._at = signum, time.monotonic()
+        elif time.monotonic() - self._at > 1.0:
+            raise KeyboardInterrupt
+
+    def __exit__(self, *exc: Any) -> None:
+        for sig, handler in self._old.items():
+            signal.signal(sig, handler)
+        self._old.clear()
+
+
+class NullTracker:
+    """What ranks other than 0 log to: nothing."""
+
+    def log(self, step: int, metrics: dict[str, Any]) -> None: ...
+    def advance(self, step: int) -> None: ...
+    def print(self, message: str) -> None: ...
+    def close(self) -> None: ...
 
 
 def enable_gradient_checkpointing(model: nn.Module) -> None:
@@ -128,10 +209,11 @@ class Trainer:
         train_data / val_data: tokenized examples (``input_ids``, ``labels``).
         cfg: optimisation settings.
         pad_id: padding token id.
-        output_dir: where metrics and checkpoints go.
+        output_dir: where metrics and checkpoints go (written by rank 0 only).
         export: writes the model's deliverable (e.g. the adapter) into a folder; used for checkpoints
             and the best-so-far copy.
         packing / group_by_length / max_length: batching options.
+        dist: the process group (default: a plain single-process run). ``batch_size`` is per rank.
     """
 
     def __init__(
@@ -147,6 +229,7 @@ class Trainer:
         group_by_length: bool = True,
         max_length: int = 256,
         show_progress: bool | None = None,
+        dist: Dist = SINGLE,
     ) -> None:
         if not train_data:
             raise TrainingError("the training set is empty")
@@ -154,92 +237,194 @@ class Trainer:
         self.pad_id, self.output_dir, self.export = pad_id, Path(output_dir), export
         self.packing, self.group_by_length, self.max_length = packing, group_by_length, max_length
         self.show_progress = show_progress
-        self.device = model_device(model)
+        self.dist = dist
+        self.net = wrap(model, dist)  # what forward/backward go through (DDP, FSDP or the model)
+        self.device = dist.device if dist.active else model_device(model)
         self.lengths = [len(e["input_ids"]) for e in self.train_data]
         self.optimizer = make_optimizer(model, cfg)
         self.scheduler = make_scheduler(self.optimizer, cfg)
-        self.state = TrainState()
+        self.state = TrainState(world_size=dist.world_size)
+        if dist.rank > 0:  # adapter init was seeded alike on every rank; dropout must differ per rank
+            torch.manual_seed(cfg.seed + 1_000_003 * dist.rank)
 
     # -- data --------------------------------------------------------------------------------
     def _epoch_batches(self, epoch: int) -> list[list[int]]:
-        budget = self.cfg.batch_size * self.max_length if self.packing else None
-        return batch_order(self.lengths, self.cfg.batch_size, self.cfg.seed, epoch, self.group_by_length, budget)
+        """Global batches (``batch_size`` x ranks) of one epoch: the same order on every rank."""
+        size = self.cfg.batch_size * self.dist.world_size
+        budget = size * self.max_length if self.packing else None
+        return batch_order(self.lengths, size, self.cfg.seed, epoch, self.group_by_length, budget)
 
-    def _next_batch(self) -> dict[str, torch.Tensor]:
+    def _next_batch(self) -> tuple[dict[str, torch.Tensor], float]:
+        """This rank's part of the next global batch, and its weight (0 for a stand-in)."""
         s = self.state
         if s.batch_in_epoch >= len(self._batches):
             s.epoch += 1
             s.batch_in_epoch = 0
             self._batches = self._epoch_batches(s.epoch)
-        examples = [self.train_data[i] for i in self._batches[s.batch_in_epoch]]
+        mine, weight = local_slice(self._batches[s.batch_in_epoch], self.dist)
         s.batch_in_epoch += 1
+        examples = [self.train_data[i] for i in mine]
         batch = pack_batch(examples, self.pad_id) if self.packing else pad_batch(examples, self.pad_id)
-        return {k: v.to(self.device) for k, v in batch.items()}
+        return {k: v.to(self.device) for k, v in batch.items()}, weight
 
     # -- loop --------------------------------------------------------------------------------
     def fit(self, resume_from: Path | None = None) -> TrainState:
+        """Train to ``cfg.max_steps``.
+
+        Raises:
+            TrainingError: loss or gradient norm not finite (naming the step and last checkpoint).
+            CheckpointError: a checkpoint could not be written or read.
+            TrainingInterrupted: SIGINT/SIGTERM; a checkpoint of the finished step was written.
+        """
         cfg = self.cfg
         if resume_from is not None:
-            self.state = load_checkpoint(resume_from, self.model, self.optimizer, self.scheduler)
+            self._resume(resume_from)
+        if self.dist.is_main:
+            try:
+                self.output_dir.mkdir(parents=True, exist_ok=True)
+            except OSError as e:
+                raise CheckpointError(f"cannot create output_dir {self.output_dir}: {e.strerror or e}") from None
+            remove_stale(self.output_dir)
         self._batches = self._epoch_batches(self.state.epoch)
         if cfg.gradient_checkpointing:
             enable_gradient_checkpointing(self.model)
         self.model.train()
-        tracker = Tracker(self.output_dir, cfg.max_steps, self.state.step, self.show_progress)
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        window_tokens, window_start, window_loss, window_steps = 0, time.perf_counter(), 0.0, 0
+        self.tracker = (Tracker(self.output_dir, cfg.max_steps, self.state.step, self.show_progress)
+                        if self.dist.is_main else NullTracker())
+        self._window = [0.0, 0.0, 0, time.perf_counter()]  # loss sum, tokens, steps, start time
+        self._bad_in_row = 0
         try:
-            while self.state.step < cfg.max_steps:
-                micro = [self._next_batch() for _ in range(cfg.grad_accum)]
-                n_total = sum(int((b["labels"][:, 1:] != IGNORE).sum()) for b in micro)
-                step_loss = 0.0
-                for batch in micro:
-                    with autocast(self.device, cfg.precision):
-                        loss_sum, _ = lm_loss_sum(self.model, batch)
-                    loss = loss_sum / max(n_total, 1)  # mean over every labelled token of the step
-                    loss.backward()
-                    step_loss += float(loss.detach())
-                    window_tokens += int(batch["input_ids"].numel() if self.packing else batch["attention_mask"].sum())
-                if not math.isfinite(step_loss):
-                    last = list_checkpoints(self.output_dir)
-                    where = f"; last good checkpoint: {last[-1]}" if last else ""
-                    raise TrainingError(f"loss became {step_loss} at step {self.state.step + 1}{where}")
-                if cfg.max_grad_norm > 0:
-                    torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-                self.optimizer.step()
-                self.scheduler.step()
-                self.optimizer.zero_grad(set_to_none=True)
-                self.state.step += 1
-                self.state.tokens += sum(int(b["input_ids"].numel()) for b in micro)
-                window_loss += step_loss
-                window_steps += 1
-                tracker.advance(self.state.step)
-                if self.state.step % cfg.log_every == 0 or self.state.step == cfg.max_steps:
-                    elapsed = time.perf_counter() - window_start
-                    tracker.log(self.state.step, {
-                        "loss": window_loss / window_steps,
-                        "lr": self.scheduler.get_last_lr()[0],
-                        "tokens_per_s": window_tokens / max(elapsed, 1e-9),
-                        "epoch": self.state.epoch,
-                        "peak_memory_mb": round(peak_memory_mb(self.device), 1),
-                    })
-                    window_tokens, window_start, window_loss, window_steps = 0, time.perf_counter(), 0.0, 0
-                last_step = self.state.step == cfg.max_steps
-                if self.val_data and ((cfg.eval_every and self.state.step % cfg.eval_every == 0) or last_step):
-                    self._evaluate(tracker)
-                if cfg.save_every and self.state.step % cfg.save_every == 0 and not last_step:
-                    save_checkpoint(self.output_dir, self.model, self.optimizer, self.scheduler, self.state,
-                                    self.export, cfg.keep_checkpoints)
+            with StopSignal() as stop:
+                while self.state.step < cfg.max_steps:
+                    stopping = self._step(stop)
+                    if stopping and self.state.step < cfg.max_steps:
+                        self._stop(stopping)
+        except OSError as e:  # metrics or best-adapter write: disk full, folder removed, ...
+            raise CheckpointError(write_error_message(f"to {self.output_dir}", e, self.output_dir)) from None
         finally:
-            tracker.close()
+            self.tracker.close()
         return self.state
 
-    def _evaluate(self, tracker: Tracker) -> None:
-        loss = evaluate_loss(self.model, self.val_data, self.cfg.batch_size, self.pad_id, self.cfg.precision)
-        tracker.log(self.state.step, {"eval_loss": loss})
+    def _resume(self, path: Path) -> None:
+        saved_world = self.state.world_size
+        self.state = load_checkpoint(path, self.model, self.optimizer, self.scheduler, self.dist)
+        if self.state.world_size != saved_world and self.dist.is_main:
+            warnings.warn(f"{path} was written by a run on {self.state.world_size} rank(s), resumed on {saved_world}: "
+                          "the global batch and so the data order change from here", stacklevel=3)
+        self.state.world_size = saved_world
+        if self.dist.is_main:
+            trim_metrics(self.output_dir / "metrics.jsonl", self.state.step)
+
+    def _step(self, stop: StopSignal) -> int | None:
+        """One optimizer step (or a skipped bad batch); returns the signal number if asked to stop."""
+        cfg, dist = self.cfg, self.dist
+        micro = [self._next_batch() for _ in range(cfg.grad_accum)]
+        n_local = sum(int((b["labels"][:, 1:] != IGNORE).sum()) * w for b, w in micro)
+        n_total = max(dist.all_reduce_sum([n_local])[0] if dist.active else n_local, 1)
+        loss_local, tokens, seen = 0.0, 0.0, 0.0
+        for i, (batch, weight) in enumerate(micro):
+            with no_sync(self.net, last=i == len(micro) - 1):
+                with autocast(self.device, cfg.precision):
+                    loss_sum, _ = lm_loss_sum(self.net, batch)
+                # mean over every labelled token of the step on all ranks; x ranks undoes DDP/FSDP's gradient average
+                loss = loss_sum * (weight * dist.world_size) / n_total
+                loss.backward()
+            loss_local += float(loss_sum.detach()) * weight / n_total
+            tokens += weight * int(batch["input_ids"].numel())
+            seen += weight * int(batch["input_ids"].numel() if self.packing else batch["attention_mask"].sum())
+        step_loss, stop_votes, tokens, seen = dist.all_reduce_sum([loss_local, float(stop.signum or 0), tokens, seen])
+        bad = None if math.isfinite(step_loss) else f"loss became {step_loss}"
+        if bad is None and cfg.max_grad_norm > 0:
+            norm = local_value(torch.nn.utils.clip_grad_norm_([p for p in self.model.parameters() if p.requires_grad],
+                                                              cfg.max_grad_norm))
+            bad = None if math.isfinite(norm) else f"gradient norm became {norm}"
+        if bad is not None:
+            self._bad_step(bad)
+        else:
+            self._bad_in_row = 0
+            self.optimizer.step()
+            self.scheduler.step()
+            self.state.step += 1
+            self.state.tokens += int(tokens)
+            self._after_step(step_loss, seen)
+        self.optimizer.zero_grad(set_to_none=True)
+        # Every rank sees the same vote, so all stop after the same step.
+        return (stop.signum or signal.SIGTERM) if stop_votes else None
+
+    def _bad_step(self, what: str) -> None:
+        where = f"at step {self.state.step + 1}"
+        last = list_checkpoints(self.output_dir) if self.dist.is_main else []
+        hint = f"; last good checkpoint: {last[-1]}" if last else "; no checkpoint written yet"
+        self._bad_in_row += 1
+        if self.cfg.on_nan == "stop":
+            raise TrainingError(f"{what} {where}{hint} (train.on_nan=skip skips such batches instead)")
+        if self._bad_in_row >= MAX_CONSECUTIVE_SKIPS:
+            raise TrainingError(f"{what} {where}, {self._bad_in_row} bad batches in a row; giving up{hint}")
+        self.state.skipped_batches += 1
+        self.tracker.print(f"{what} {where}: batch skipped ({self.state.skipped_batches} so far)")
+        self.tracker.log(self.state.step, {"skipped_batch": self.state.skipped_batches})
+
+    def _after_step(self, step_loss: float, seen_tokens: float) -> None:
+        cfg, s, w = self.cfg, self.state, self._window
+        w[0] += step_loss
+        w[1] += seen_tokens
+        w[2] += 1
+        self.tracker.advance(s.step)
+        if s.step % cfg.log_every == 0 or s.step == cfg.max_steps:
+            elapsed = time.perf_counter() - w[3]
+            self.tracker.log(s.step, {
+                "loss": w[0] / w[2],
+                "lr": self.scheduler.get_last_lr()[0],
+                "tokens_per_s": w[1] / max(elapsed, 1e-9),
+                "epoch": s.epoch,
+                "peak_memory_mb": round(peak_memory_mb(self.device), 1),
+            })
+            self._window = [0.0, 0.0, 0, time.perf_counter()]
+        last_step = s.step == cfg.max_steps
+        if self.val_data and ((cfg.eval_every and s.step % cfg.eval_every == 0) or last_step):
+            self._evaluate()
+        if cfg.save_every and s.step % cfg.save_every == 0 and not last_step:
+            self.save()
+
+    def save(self) -> Path:
+        """Checkpoint the current state (every rank calls; rank 0 writes)."""
+        return save_checkpoint(self.output_dir, self.model, self.optimizer, self.scheduler, self.state,
+                               self.export, self.cfg.keep_checkpoints, self.dist)
+
+    def _stop(self, signum: int) -> None:
+        # Decided from the step alone, so every rank agrees on whether to join a save.
+        just_saved = self.cfg.save_every and self.state.step % self.cfg.save_every == 0
+        path = checkpoint_dir(self.output_dir) / f"step-{self.state.step:06d}" if just_saved else self.save()
+        name = signal.Signals(signum).name
+        raise TrainingInterrupted(f"{name}: stopped after step {self.state.step}/{self.cfg.max_steps}; checkpoint "
+                                  f"saved to {path}; continue with --resume", 128 + signum)
+
+    def _evaluate(self) -> None:
+        loss = evaluate_loss(self.model, self.val_data, self.cfg.batch_size, self.pad_id, self.cfg.precision, self.dist)
+        self.tracker.log(self.state.step, {"eval_loss": loss})
         s = self.state
         if s.best_eval_loss is None or loss < s.best_eval_loss:
             s.best_eval_loss, s.best_step = loss, s.step
             if self.export is not None:
-                with atomic_dir(self.output_dir / "best") as tmp:
-                    self.export(tmp)
+                with full_trainable_params(self.model):
+                    self.dist.run_on_main(self._export_best)
+
+    def _export_best(self) -> None:
+        with atomic_dir(self.output_dir / "best") as tmp:
+            self.export(tmp)
+
+
+def trim_metrics(path: Path, step: int) -> None:
+    """Keep the well-formed records up to ``step`` (a resumed run logs the later steps again; a kill
+    may have cut the last line short)."""
+    if not path.is_file():
+        return
+    keep = []
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(record, dict) and isinstance(record.get("step"), int) and record["step"] <= step:
+            keep.append(line)
+    atomic_write_text(path, "".join(k + "\n" for k in keep))

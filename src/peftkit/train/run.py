@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,9 +20,11 @@ from peftkit.core.io import save_adapter
 from peftkit.data.load import Splits, load_splits
 from peftkit.data.template import Template
 from peftkit.data.tokenize import encode_all
-from peftkit.errors import ConfigError
-from peftkit.train.checkpoint import list_checkpoints
+from peftkit.errors import ConfigError, PeftkitError
+from peftkit.train import distributed
+from peftkit.train.checkpoint import CheckpointError, list_checkpoints, write_error_message
 from peftkit.train.config import RunConfig, dump_config
+from peftkit.train.distributed import Dist, full_trainable_params
 from peftkit.train.loop import Trainer
 from peftkit.train.tracking import peak_memory_mb, plot_loss
 
@@ -38,15 +42,17 @@ class Prepared:
 
 
 def prepare(cfg: RunConfig, attach: bool = True) -> Prepared:
-    """Load the model and data named by ``cfg`` and (optionally) attach the method, seeded."""
-    from peftkit.models import load_model
+    """Load the model and data named by ``cfg`` and (optionally) attach the method, seeded.
 
+    Raises:
+        ConfigError / DataError: bad data, or a model folder that cannot be loaded (one line, the reason).
+    """
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     method_cfg = cfg.method_config()
     splits = load_splits(cfg.data.train, cfg.data.validation, cfg.data.test, cfg.data.format,
                          cfg.data.validation_fraction, cfg.train.seed)
-    model, tokenizer = load_model(cfg.model)
+    model, tokenizer = _load_model(cfg)
     if attach:
         torch.manual_seed(cfg.train.seed)  # adapter init is part of the run's determinism
         inject(model, method_cfg)
@@ -54,8 +60,23 @@ def prepare(cfg: RunConfig, attach: bool = True) -> Prepared:
     return Prepared(model, tokenizer, template, splits)
 
 
+def _load_model(cfg: RunConfig) -> tuple[nn.Module, Any]:
+    """The model, with the many ways a folder can be wrong (missing files, code it wants run with
+    trust_remote_code off, damaged weights) turned into one ConfigError line."""
+    from peftkit.models import load_model
+
+    try:
+        return load_model(cfg.model, trust_remote_code=cfg.trust_remote_code)
+    except PeftkitError:
+        raise
+    except (OSError, ValueError, KeyError, TypeError, ImportError) as e:
+        reason = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
+        raise ConfigError(f"model {cfg.model}: cannot load ({reason})") from None
+
+
 def check_output_dir(out: Path, overwrite: bool, resume: bool) -> None:
-    """Refuse to clobber a finished run or an unfinished one that could be resumed."""
+    """Refuse to clobber a finished run or an unfinished one that could be resumed, and an output_dir
+    that cannot be created or written (checked before anything slow happens)."""
     summary = out / SUMMARY
     if summary.is_file() and not overwrite:
         raise ConfigError(f"{out} already holds a finished run; choose another output_dir or set overwrite=true")
@@ -63,16 +84,49 @@ def check_output_dir(out: Path, overwrite: bool, resume: bool) -> None:
         raise ConfigError(f"{out} holds checkpoints of an unfinished run; pass --resume to continue it or set overwrite=true")
     if resume and not list_checkpoints(out):
         raise ConfigError(f"--resume: no checkpoint found in {out / 'checkpoints'}")
+    check_writable(out)
+
+
+def check_writable(out: Path) -> None:
+    """``out`` exists as a writable folder, or its nearest existing ancestor is one (so it can be made).
+
+    Raises:
+        ConfigError: naming the path in the way (a file, or a folder without write permission).
+    """
+    probe = Path(os.path.abspath(out))
+    while not probe.exists():
+        if probe.parent == probe:
+            break
+        probe = probe.parent
+    if not probe.is_dir():
+        raise ConfigError(f"output_dir {out} cannot be created: {probe} is not a folder")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise ConfigError(f"output_dir {out} is not writable (no write permission on {probe})")
 
 
 def train_run(cfg: RunConfig, resume: bool = False, show_progress: bool | None = None, log=print) -> dict[str, Any]:
     """Train ``cfg.method`` on ``cfg.data`` and write the adapter to OUTPUT_DIR/adapter.
 
+    Under torchrun (or with ``train.distributed`` set) every rank calls this; rank 0 alone logs and
+    writes files, and every rank returns the same summary.
+
     Returns:
         The run summary (also written to OUTPUT_DIR/run_summary.json).
+
+    Raises:
+        PeftkitError: bad config, data, model or output_dir (before training); NaN loss; a failed write.
+        TrainingInterrupted: SIGINT/SIGTERM; a checkpoint was written, continue with ``--resume``.
     """
+    d = distributed.setup(cfg.train.distributed)
+    try:
+        return _train(cfg, resume, show_progress, log if d.is_main else (lambda *a, **k: None), d)
+    finally:
+        distributed.teardown(d)
+
+
+def _train(cfg: RunConfig, resume: bool, show_progress: bool | None, log: Callable[[str], Any], d: Dist) -> dict[str, Any]:
     out = Path(cfg.output_dir)
-    check_output_dir(out, cfg.overwrite, resume)
+    d.run_on_main(lambda: check_output_dir(out, cfg.overwrite, resume))
     start = time.perf_counter()
     prep = prepare(cfg)
     model, tok, template, splits = prep.model, prep.tokenizer, prep.template, prep.splits
@@ -89,49 +143,78 @@ def train_run(cfg: RunConfig, resume: bool = False, show_progress: bool | None =
     if not enc_train.examples:
         raise ConfigError("no training example is left after tokenization (all responses truncated away?)")
     params = count_parameters(model)
+    t = cfg.train
+    effective = t.batch_size * d.world_size * t.grad_accum
     log(f"model {cfg.model} | method {cfg.method_config().method_name} | {params}")
     log(f"data: {len(enc_train.examples)} train / {len(enc_val.examples)} validation examples, "
         f"template {template.kind}; truncated to {cfg.data.max_length} tokens: {enc_train.truncated} train, "
         f"{enc_val.truncated} validation; dropped (nothing left to learn): {enc_train.dropped + enc_val.dropped}")
+    if d.active:
+        log(f"distributed: {d.mode} on {d.world_size} rank(s), backend {torch.distributed.get_backend()}; "
+            f"effective batch {effective} = {t.batch_size} per rank x {d.world_size} ranks x {t.grad_accum} accumulation")
+    elif t.grad_accum > 1:
+        log(f"effective batch {effective} = {t.batch_size} x {t.grad_accum} accumulation")
 
-    out.mkdir(parents=True, exist_ok=True)
-    if not resume:
-        for stale in ("metrics.jsonl", SUMMARY):
-            (out / stale).unlink(missing_ok=True)
-    atomic_write_text(out / "config.yaml", dump_config(cfg))
+    def setup_dir() -> None:
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+            if not resume:
+                for stale in ("metrics.jsonl", SUMMARY):
+                    (out / stale).unlink(missing_ok=True)
+            atomic_write_text(out / "config.yaml", dump_config(cfg))
+        except OSError as e:
+            raise ConfigError(f"output_dir {out}: cannot write ({e.strerror or e})") from None
+
+    d.run_on_main(setup_dir)
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
 
     def export(path: Path) -> None:
         save_adapter(model, path)
 
     trainer = Trainer(model, enc_train.examples, enc_val.examples, cfg.train, pad_id, out, export,
-                      cfg.data.packing, cfg.data.group_by_length, cfg.data.max_length, show_progress)
-    resume_from = list_checkpoints(out)[-1] if resume else None
+                      cfg.data.packing, cfg.data.group_by_length, cfg.data.max_length, show_progress, dist=d)
+    resume_from = d.broadcast(str(list_checkpoints(out)[-1]) if resume and d.is_main else None)
     if resume_from is not None:
         log(f"resuming from {resume_from}")
-    state = trainer.fit(resume_from)
-    export(out / "adapter")
-    plot = plot_loss(out / "metrics.jsonl", out / "loss.png")
-    summary = {
-        "status": "finished",
-        "model": cfg.model,
-        "method": cfg.method_config().to_dict(),
-        "steps": state.step,
-        "tokens": state.tokens,
-        "final_eval_loss": _last_eval(out),
-        "best_eval_loss": state.best_eval_loss,
-        "best_step": state.best_step,
-        "trainable_params": params.trainable,
-        "total_params": params.total,
-        "trainable_percent": round(params.percent, 4),
-        "train_examples": len(enc_train.examples),
-        "truncated_train_examples": enc_train.truncated,
-        "peak_memory_mb": round(peak_memory_mb(trainer.device), 1),
-        "wall_time_s": round(time.perf_counter() - start, 1),
-        "adapter": str(out / "adapter"),
-        "loss_plot": str(plot) if plot else None,
-    }
-    atomic_write_text(out / SUMMARY, json.dumps(summary, indent=2) + "\n")
+    state = trainer.fit(Path(resume_from) if resume_from else None)
+
+    def finish() -> dict[str, Any]:
+        try:
+            export(out / "adapter")
+        except OSError as e:
+            raise CheckpointError(write_error_message(f"the adapter to {out / 'adapter'}", e, out)) from None
+        plot = plot_loss(out / "metrics.jsonl", out / "loss.png")
+        summary = {
+            "status": "finished",
+            "model": cfg.model,
+            "method": cfg.method_config().to_dict(),
+            "steps": state.step,
+            "tokens": state.tokens,
+            "final_eval_loss": _last_eval(out),
+            "best_eval_loss": state.best_eval_loss,
+            "best_step": state.best_step,
+            "trainable_params": params.trainable,
+            "total_params": params.total,
+            "trainable_percent": round(params.percent, 4),
+            "train_examples": len(enc_train.examples),
+            "truncated_train_examples": enc_train.truncated,
+            "skipped_batches": state.skipped_batches,
+            "world_size": d.world_size,
+            "distributed": d.mode,
+            "effective_batch_size": effective,
+            "peak_memory_mb": round(peak_memory_mb(trainer.device), 1),
+            "wall_time_s": round(time.perf_counter() - start, 1),
+            "adapter": str(out / "adapter"),
+            "loss_plot": str(plot) if plot else None,
+        }
+        try:
+            atomic_write_text(out / SUMMARY, json.dumps(summary, indent=2) + "\n")
+        except OSError as e:
+            raise CheckpointError(write_error_message(str(out / SUMMARY), e, out)) from None
+        return summary
+
+    with full_trainable_params(model):  # FSDP: the whole adapter, not this rank's shard
+        summary = d.broadcast(d.run_on_main(finish))
     log(f"done: {state.step} steps, adapter saved to {out / 'adapter'}; peak memory {summary['peak_memory_mb']:.0f} MB")
     return summary
 
@@ -143,4 +226,4 @@ def _last_eval(out: Path) -> float | None:
     return evals[-1] if evals else None
 
 
-__all__ = ["Prepared", "check_output_dir", "prepare", "train_run"]
+__all__ = ["Prepared", "check_output_dir", "check_writable", "prepare", "train_run"]

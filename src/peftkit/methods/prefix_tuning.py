@@ -1,0 +1,107 @@
+r"""Prefix tuning (Li & Liang 2021, https://arxiv.org/abs/2101.00190) / P-tuning v2 (Liu et al. 2022,
+https://arxiv.org/abs/2110.07602).
+
+Every attention layer l gets N trainable key and value vectors in front of the ones it computes::
+
+    attn_l(x) = softmax(q·[K_l ; k(x)]ᵀ / √d) · [V_l ; v(x)]       K_l, V_l: (kv_heads, N, head_dim)
+
+All prefixes form one table of N rows of width layers·2·kv_dim (kv_dim = kv_heads·head_dim, so grouped-query
+models such as SmolLM2, 9 query and 3 key/value heads, get prefixes for their 3 kv heads). With ``projection``
+the table is reparameterized during training as in the paper: rows = MLP(z), z (N x kv_dim), MLP
+kv_dim -> h -> tanh -> layers·2·kv_dim. The prefixes are passed to the frozen model as a pre-filled
+transformers ``Cache``, so decoder-only models (Llama, GPT-2) and T5's decoder need no code of their own;
+positions of the real tokens start after the prefix, as in PEFT. Files are PEFT's PREFIX_TUNING files (the
+table as ``prompt_embeddings``; projected adapters store the MLP's output, as PEFT does).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar, Literal
+
+import torch
+import torch.nn as nn
+
+from peftkit.core.config import ConfigError, check
+from peftkit.core.registry import register
+from peftkit.methods._soft_prompt import PREFIX, Geometry, PromptSource, PromptTable, SoftPromptConfig, attach_soft_prompt
+
+
+@dataclass
+class PrefixTuningConfig(SoftPromptConfig):
+    """Prefix tuning settings.
+
+    Attributes:
+        projection: reparameterize the prefixes through an MLP while training (PEFT's ``prefix_projection``).
+        encoder_hidden_size: h, the MLP's hidden size; default: kv_dim.
+        init: "random" (PEFT's default init) or "zero" (zero keys/values; PEFT's ``init_weights="zero"``).
+    """
+
+    peft_type = "PREFIX_TUNING"
+    kind: ClassVar[str] = PREFIX
+
+    projection: bool = False
+    encoder_hidden_size: int | None = None
+    init: Literal["random", "zero"] = "random"
+
+    def validate(self) -> None:
+        super().validate()
+        check(self.init in ("random", "zero"), f"method.init must be random or zero, got {self.init!r}")
+        check(self.encoder_hidden_size is None or self.encoder_hidden_size > 0,
+              f"method.encoder_hidden_size must be positive, got {self.encoder_hidden_size!r}")
+
+    def make_encoder(self, model: nn.Module, embedding: nn.Module) -> nn.Module:
+        geo = Geometry.of(model)
+        if self.projection:
+            encoder: nn.Module = PrefixEncoder(self.num_virtual_tokens, self.encoder_hidden_size or geo.kv_dim, geo)
+            last = encoder.transform[-1]
+            params = [last.weight, last.bias]
+        else:
+            encoder = PromptTable(self.num_virtual_tokens, geo.prefix_width, PREFIX, geo)
+            params = [encoder.embedding.weight]
+        if self.init == "zero":
+            with torch.no_grad():
+                for p in params:
+                    p.zero_()
+        return encoder
+
+    # -- Hugging Face PEFT adapter_config.json ---------------------------------------------
+    def peft_fields(self) -> dict[str, Any]:
+        return {
+            "prefix_projection": self.projection,
+            "encoder_hidden_size": self.encoder_hidden_size,
+            "init_weights": "zero" if self.init == "zero" else None,
+        }
+
+    def to_peft(self, model: nn.Module, targets: list[str]) -> dict[str, Any]:
+        d = super().to_peft(model, targets)
+        d["encoder_hidden_size"] = self.encoder_hidden_size or d["token_dim"]
+        return d
+
+    @classmethod
+    def from_peft(cls, d: dict[str, Any]) -> PrefixTuningConfig:
+        if d.get("num_transformer_submodules") == 2:
+            # PEFT's encoder-decoder prefixes give several decoder layers the same prefix rows; not reproduced
+            raise ConfigError("PEFT prefix-tuning adapters for encoder-decoder models are not supported")
+        return cls(**cls.common_from_peft(d), projection=bool(d.get("prefix_projection")),
+                   encoder_hidden_size=d.get("encoder_hidden_size"),
+                   init="zero" if d.get("init_weights") == "zero" else "random")
+
+
+class PrefixEncoder(PromptSource):
+    """z (N x kv_dim, ``embedding``) -> Linear -> tanh -> Linear -> (N, layers·2·kv_dim) (PEFT's ``transform``)."""
+
+    def __init__(self, n: int, hidden: int, geometry: Geometry) -> None:
+        super().__init__(n, geometry.prefix_width, PREFIX, geometry)
+        self.embedding = nn.Embedding(n, geometry.kv_dim)
+        self.transform = nn.Sequential(nn.Linear(geometry.kv_dim, hidden), nn.Tanh(),
+                                       nn.Linear(hidden, geometry.prefix_width))
+
+    def forward(self) -> torch.Tensor:
+        return self.transform(self.embedding.weight)  # (N, layers·2·kv_dim)
+
+
+@register("prefix_tuning", PrefixTuningConfig,
+          "prefix tuning / P-tuning v2: trainable key/value prefixes in every attention layer (optional MLP)")
+def attach_prefix_tuning(model: nn.Module, config: PrefixTuningConfig, adapter_name: str) -> list[str]:
+    return attach_soft_prompt(model, config, adapter_name)

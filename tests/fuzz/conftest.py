@@ -1,0 +1,1 @@
+from tests.lm import tokenizer  # noqa: F401  (fixture)

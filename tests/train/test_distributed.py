@@ -1,0 +1,150 @@
+"""Data-parallel training on 2 CPU processes (gloo), started the documented way: ``torchrun -m peftkit train``.
+
+The claim tested: 2 ranks x batch b train the same adapter as 1 rank x batch 2b over the same data order
+(within fp32 tolerance), with DDP and with FSDP (whose adapter must be saved whole, not one rank's shard).
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from peftkit.errors import ConfigError
+from peftkit.train.config import load_config
+from peftkit.train.distributed import Dist, setup, shard
+from peftkit.train.loop import local_slice
+from peftkit.train.run import train_run
+
+WORDS = "grass sky snow coal blood sun night milk leaf rose sea ash gold cloud fire ink lime plum rust sand".split()
+# Lengths vary (so length grouping matters); 25 rows: the last global batch of 8 holds 1 example, so rank 1's
+# slice is empty and it must still take part in the step.
+ROWS = ([{"instruction": f"Say the color of {w}" + " please" * (i % 4), "input": "", "output": w[::-1]} for i, w in enumerate(WORDS)]
+        + [{"instruction": f"Name {i}", "input": "", "output": "x" * (i + 1)} for i in range(5)])
+
+
+def write(path: Path, rows) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def overrides(model_dir, train, val, out, *extra):
+    return [f"model={model_dir}", f"data.train={train}", f"data.validation={val}", f"output_dir={out}",
+            "train.max_steps=6", "train.save_every=3", "train.eval_every=3", "train.lr=3e-2", "train.warmup_steps=0",
+            "train.threads=1", "train.log_every=1", "method.r=4", "method.target_modules=all-linear", *extra]
+
+
+def torchrun(args, tmp_path, timeout=240) -> subprocess.CompletedProcess:
+    """``torchrun --standalone --nproc_per_node 2 -m peftkit train ARGS`` (a free local port; its own
+    process group, so a hang is killed whole, workers included)."""
+    env = {**os.environ, "PEFTKIT_TENSORBOARD": "0", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "peftkit", "train", *args]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path,
+                            start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        pytest.fail(f"torchrun hung for {timeout} s: {err[-3000:]}")
+    assert proc.returncode == 0, err[-3000:]
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
+def reference(args, monkeypatch) -> None:
+    monkeypatch.setenv("PEFTKIT_TENSORBOARD", "0")
+    train_run(load_config(None, args), show_progress=False, log=lambda *a: None)
+
+
+def assert_same_adapter(a_dir: Path, b_dir: Path) -> None:
+    a = load_file(str(a_dir / "adapter_model.safetensors"))
+    b = load_file(str(b_dir / "adapter_model.safetensors"))
+    assert a.keys() == b.keys() and len(a) == 28  # 2 layers x 7 linears x (A, B): every tensor, whole
+    assert max(float(v.abs().max()) for v in a.values()) > 0.05  # the adapter did move
+    for k in a:
+        assert a[k].shape == b[k].shape, k
+        torch.testing.assert_close(b[k], a[k], atol=2e-5, rtol=1e-4, msg=k)
+
+
+def metrics(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def assert_same_metrics(ref: Path, out: Path) -> None:
+    a, b = metrics(ref), metrics(out)
+    assert [(r["step"], sorted(r)) for r in a] == [(r["step"], sorted(r)) for r in b]  # rank 0 alone logged
+    for x, y in zip(a, b):
+        for key in ("loss", "eval_loss"):
+            if key in x:
+                assert abs(x[key] - y[key]) < 1e-4, (x, y)
+
+
+def test_ddp_two_ranks_equal_one_rank_double_batch(tiny_lm_dir, tmp_path, monkeypatch):
+    train, val = write(tmp_path / "train.jsonl", ROWS), write(tmp_path / "val.jsonl", ROWS[:7])
+    reference(overrides(tiny_lm_dir, train, val, tmp_path / "one", "train.batch_size=8"), monkeypatch)
+    r = torchrun(overrides(tiny_lm_dir, train, val, tmp_path / "two", "train.batch_size=4"), tmp_path)
+    assert "effective batch 8 = 4 per rank x 2 ranks x 1 accumulation" in r.stdout
+    assert r.stdout.count("done: 6 steps") == 1  # only rank 0 logs
+    one, two = tmp_path / "one", tmp_path / "two"
+    assert_same_adapter(one / "adapter", two / "adapter")
+    assert_same_metrics(one, two)
+    summary = json.loads((two / "run_summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["distributed"] == "ddp" and summary["effective_batch_size"] == 8
+    assert sorted(p.name for p in two.iterdir()) == sorted(p.name for p in one.iterdir())
+    assert [p.name for p in (two / "checkpoints").iterdir()] == ["step-000003"]
+
+
+def test_fsdp_saves_full_adapter_equal_to_one_rank(tiny_lm_dir, tmp_path, monkeypatch):
+    """FSDP (fully_shard on CPU/gloo) with gradient accumulation: 2 ranks x 2 x 2 micro-batches == 1 x 8."""
+    rows = ROWS[:24]  # accumulation equals a bigger batch when epochs split evenly (as on one rank)
+    train, val = write(tmp_path / "train.jsonl", rows), write(tmp_path / "val.jsonl", ROWS[:7])
+    common = ("data.group_by_length=false",)
+    reference(overrides(tiny_lm_dir, train, val, tmp_path / "one", "train.batch_size=8", *common), monkeypatch)
+    r = torchrun(overrides(tiny_lm_dir, train, val, tmp_path / "two", "train.batch_size=2", "train.grad_accum=2",
+                           "train.distributed=fsdp", *common), tmp_path)
+    assert "fsdp on 2 rank(s)" in r.stdout and "2 per rank x 2 ranks x 2 accumulation" in r.stdout
+    one, two = tmp_path / "one", tmp_path / "two"
+    assert_same_adapter(one / "adapter", two / "adapter")
+    assert_same_adapter(one / "checkpoints" / "step-000003" / "adapter", two / "checkpoints" / "step-000003" / "adapter")
+    assert_same_adapter(one / "best", two / "best")
+    assert_same_metrics(one, two)
+    # the checkpoint holds the full trainable tensors and a full (name-keyed) optimizer state
+    ckpt = two / "checkpoints" / "step-000003"
+    assert len(load_file(str(ckpt / "trainable.safetensors"))) == 28
+    optim = torch.load(ckpt / "optim.pt", weights_only=True)
+    assert optim["optimizer"]["format"] == "fqn" and len(optim["optimizer"]["state"]["state"]) == 28
+    assert len(optim["rank_rng"]) == 2
+
+
+@pytest.mark.parametrize("n, world", [(8, 2), (7, 2), (1, 2), (10, 3), (0, 2)])
+def test_shard_splits_evenly_and_covers_all(n, world):
+    items = list(range(n))
+    parts = [shard(items, r, world) for r in range(world)]
+    assert [i for p in parts for i in p] == items
+    assert max(map(len, parts)) - min(map(len, parts)) <= 1
+
+
+def test_empty_slice_becomes_zero_weight_stand_in():
+    assert local_slice([5], Dist("ddp", 1, 2)) == ([5], 0.0)
+    assert local_slice([5], Dist("ddp", 0, 2)) == ([5], 1.0)
+    assert local_slice([1, 2, 3, 4], Dist("ddp", 1, 2)) == ([3, 4], 1.0)
+
+
+def test_setup_modes(monkeypatch):
+    for var in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
+        monkeypatch.delenv(var, raising=False)
+    assert setup("auto") == Dist() and setup("none") == Dist()
+    with pytest.raises(ConfigError, match="train.distributed=ddp needs a launcher: torchrun"):
+        setup("ddp")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    with pytest.raises(ConfigError, match="train.distributed=none but torchrun started 2 processes"):
+        setup("none")
+    with pytest.raises(ConfigError, match="train.distributed must be one of"):
+        load_config(None, ["train.distributed=deepspeed"])
