@@ -17,14 +17,36 @@ from peftkit.core.config import ConfigError
 from peftkit.core.inject import delete_adapter, inject, merge, unload, unmerge
 from peftkit.core.io import AdapterFileError, adapter_state_dict, load_adapter, save_adapter
 from peftkit.core.registry import get_method, list_methods
+from peftkit.methods.bitfit import BitFitConfig
+from peftkit.methods.bottleneck import BottleneckConfig
+from peftkit.methods.dora import DoraConfig
+from peftkit.methods.full import FullConfig
+from peftkit.methods.ia3 import IA3Config
+from peftkit.methods.linear_probe import LinearProbeConfig
+from peftkit.methods.llama_adapter import LlamaAdapterConfig
 from peftkit.methods.lora import LoraConfig
+from peftkit.methods.p_tuning import PTuningConfig
+from peftkit.methods.prefix_tuning import PrefixTuningConfig
+from peftkit.methods.prompt_tuning import PromptTuningConfig
+from peftkit.methods.selective import SelectiveConfig
 
 __version__ = "0.1.0"
 
 __all__ = [
     "AdapterFileError",
+    "BitFitConfig",
+    "BottleneckConfig",
     "ConfigError",
+    "DoraConfig",
+    "FullConfig",
+    "IA3Config",
+    "LinearProbeConfig",
+    "LlamaAdapterConfig",
     "LoraConfig",
+    "PTuningConfig",
+    "PrefixTuningConfig",
+    "PromptTuningConfig",
+    "SelectiveConfig",
     "ParamCount",
     "adapter_state_dict",
     "count_parameters",

@@ -144,3 +144,18 @@ def test_subprocess_exit_code_and_no_traceback(tmp_path):
 def test_help_is_the_manual():
     r = subprocess.run([sys.executable, "-m", "peftkit", "train", "--help"], capture_output=True, text=True)
     assert r.returncode == 0 and "key=value" in r.stdout and "--resume" in r.stdout
+
+
+def test_full_fine_tuning_writes_a_model_folder(tiny_lm_dir, data_file, tmp_path):
+    out = tmp_path / "full"
+    assert main(train_args(tiny_lm_dir, data_file, out, "method.name=full", "train.lr=1e-3",
+                           "train.save_every=0")) == 0
+    summary = json.loads((out / "run_summary.json").read_text())
+    assert summary["output_kind"] == "model" and not (out / "adapter").exists()
+    assert summary["trainable_percent"] == 100.0
+    tuned = AutoModelForCausalLM.from_pretrained(out / "model")  # plain transformers, no peftkit
+    base = AutoModelForCausalLM.from_pretrained(tiny_lm_dir)
+    ids = torch.tensor([[1, 2, 3, 4]])
+    with torch.no_grad():
+        assert (tuned(ids).logits - base(ids).logits).abs().max() > 1e-3
+    assert (out / "best" / "config.json").is_file()  # the best-so-far copy is a model folder too

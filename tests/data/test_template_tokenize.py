@@ -71,3 +71,21 @@ def test_encode_all_counts_truncated(tokenizer):
     t = Template.create(tokenizer)
     out = encode_all(t, [EX, {**EX, "input": "word " * 300}], max_length=64)
     assert out.truncated == 1 and out.dropped == 0 and len(out.examples) == 2
+
+
+def test_chat_format_renders_history_and_learns_last_assistant_turn(tokenizer):
+    ex = {"messages": [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "Hello."},
+        {"role": "user", "content": "Name a color"},
+        {"role": "assistant", "content": "Blue."},
+    ]}
+    t = Template.create(tokenizer, "auto", data_format="chat")
+    prompt, response = t.prompt_text(ex), t.response_text(ex)
+    assert prompt + response == tokenizer.apply_chat_template(ex["messages"], tokenize=False)
+    assert prompt.startswith("<|im_start|>system\nBe brief.") and "Hello." in prompt
+    assert response.startswith("Blue.<|im_end|>")
+    enc, _ = encode_example(t, ex, max_length=512)
+    learned = [i for i, lab in zip(enc["input_ids"], enc["labels"]) if lab != IGNORE]
+    assert tokenizer.decode(learned).startswith("Blue.<|im_end|>")

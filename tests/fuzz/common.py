@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from hypothesis import HealthCheck, settings
@@ -15,6 +19,15 @@ from peftkit.errors import PeftkitError
 # Bounded, reproducible (derandomized: CI sees the same cases every run), and no example database in the tree.
 FUZZ = settings(max_examples=60, deadline=3000, derandomize=True, database=None,
                 suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow, HealthCheck.data_too_large])
+
+
+_BASE = tempfile.mkdtemp(prefix="peftkit-fuzz-")
+atexit.register(shutil.rmtree, _BASE, ignore_errors=True)
+
+
+def fresh_dir() -> Path:
+    """A new empty folder for one example (all removed when the test process exits)."""
+    return Path(tempfile.mkdtemp(dir=_BASE))
 
 
 def succeeds_or_clean_error(fn: Callable[[], Any]) -> Any:

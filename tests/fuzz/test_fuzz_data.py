@@ -3,7 +3,6 @@ nesting, wrong types, empty strings, missing and unknown keys. Every case ends i
 then tokenize) or a one-line DataError (exit code 2 from the CLI), never a traceback, hang or partial file."""
 
 import json
-import tempfile
 from pathlib import Path
 
 import pytest
@@ -16,7 +15,7 @@ from peftkit.data.load import load_file
 from peftkit.data.template import Template
 from peftkit.data.tokenize import encode_all
 from peftkit.errors import DataError
-from tests.fuzz.common import FUZZ, assert_cli_error, run_cli, succeeds_or_clean_error
+from tests.fuzz.common import FUZZ, fresh_dir, assert_cli_error, run_cli, succeeds_or_clean_error
 
 KEYS = ["instruction", "input", "output", "system", "messages", "prompt", "completion", "text", "role", "content", "extra"]
 text = st.text(st.characters(codec=None), max_size=40)  # any code point, lone surrogates included
@@ -35,7 +34,7 @@ row = st.one_of(
 
 
 def tmpfile(suffix: str, data: bytes) -> Path:
-    d = Path(tempfile.mkdtemp(prefix="peftkit-fuzz-"))
+    d = fresh_dir()
     path = d / f"data{suffix}"
     path.write_bytes(data)
     return path
@@ -129,7 +128,7 @@ def test_cli_train_on_fuzzed_data(capsys, data):
     assert not out.exists()
 
 
-@pytest.mark.parametrize("data", [b"\xff" * 100, b"[" * 100_000 + b"\n", b'{"text": "' + b"x" * 2_000_000 + b'\n'])
+@pytest.mark.parametrize("data", [b"\xff" * 100, b"[" * 100_000 + b"\n"])
 def test_cli_subprocess_exit_code(tmp_path, data):
     path = tmp_path / "d.jsonl"
     path.write_bytes(data)

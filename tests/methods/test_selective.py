@@ -110,3 +110,12 @@ def test_full_fine_tuning_learns(tiny_lm, tmp_path):
     Trainer(model, data, [], TrainConfig(max_steps=10, batch_size=8, lr=1e-2, warmup_steps=0, save_every=0,
                                          eval_every=0), tok.pad_token_id, tmp_path, show_progress=False).fit()
     assert evaluate_loss(model, data, 8, tok.pad_token_id) < before - 5
+
+
+def test_unload_without_merge_refuses_for_in_place(tiny_gpt2):
+    model = peftkit.inject(tiny_gpt2.build(), BitFitConfig())
+    with pytest.raises(ConfigError, match="cannot give the original base back"):
+        peftkit.unload(model)
+    tuned = tiny_gpt2.run(model)
+    plain = peftkit.unload(model, merge=True)
+    torch.testing.assert_close(tiny_gpt2.run(plain), tuned, rtol=0, atol=0)

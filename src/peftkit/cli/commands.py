@@ -184,5 +184,30 @@ def run_inspect_prompt(args: argparse.Namespace) -> int:
     return 0
 
 
-REGISTER = [_train, _generate, _eval, _compare, _merge, _info, _demo, _inspect_prompt]
+def _memory(sub: Any) -> None:
+    p = sub.add_parser("memory", help="predict a training run's peak memory (no weights are loaded)",
+                       description="Expected peak memory of `peftkit train CONFIG.yaml key=value ...`: weights, "
+                                   "gradients, AdamW states, activations and the runtime, from the model's config.")
+    p.add_argument("config", nargs="?", help="YAML config (default: built-in defaults)")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, as for `peftkit train`")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(handler=run_memory)
+
+
+def run_memory(args: argparse.Namespace) -> int:
+    from peftkit.train.config import load_config
+    from peftkit.train.memory import predict_memory
+
+    cfg = load_config(*_config_and_overrides(args))
+    pred = predict_memory(cfg)
+    if args.json:
+        print(json.dumps(pred.to_dict()))
+    else:
+        print(f"{cfg.model} + {cfg.method_config().method_name}, batch {cfg.train.batch_size} x {cfg.data.max_length} "
+              f"tokens, {cfg.train.precision}{', gradient checkpointing' if cfg.train.gradient_checkpointing else ''}:")
+        print(pred)
+    return 0
+
+
+REGISTER = [_train, _generate, _eval, _compare, _merge, _info, _demo, _inspect_prompt, _memory]
 __all__ = ["REGISTER"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 
 import torch.nn as nn
@@ -17,7 +18,7 @@ from peftkit.core.adapter import (
 )
 from peftkit.core.config import MethodConfig
 from peftkit.core.registry import get_method
-from peftkit.errors import NotMergeableError
+from peftkit.errors import ConfigError, NotMergeableError
 
 
 def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
@@ -48,8 +49,8 @@ def inject(model: nn.Module, config: MethodConfig, adapter_name: str = DEFAULT_A
     Raises:
         ValueError: an adapter of that name exists, or the config's targets match nothing.
     """
-    if not adapter_name or "." in adapter_name or "/" in adapter_name:
-        raise ValueError(f"invalid adapter name {adapter_name!r}: use letters, digits, '-' or '_'")
+    if not isinstance(adapter_name, str) or not re.fullmatch(r"[A-Za-z0-9_-]+", adapter_name):
+        raise ConfigError(f"invalid adapter name {adapter_name!r}: use letters, digits, '-' or '_'")
     state = ensure_state(model)
     if adapter_name in state.configs:
         raise ValueError(f"the model already has an adapter named {adapter_name!r}")
@@ -123,7 +124,11 @@ def unload(model: nn.Module, merge: bool = False) -> nn.Module:
         merge: fold the active adapters into the base weights first (a standalone fine-tuned model);
             otherwise the base is returned unchanged.
     """
-    get_state(model)
+    state = get_state(model)
+    in_place = [a for a, c in state.configs.items() if getattr(c, "in_place", False)]
+    if in_place and not merge:
+        raise ConfigError(f"adapter {in_place[0]!r} trained the base weights in place: unloading cannot give the "
+                          "original base back (use unload(model, merge=True) for the tuned model, or reload the base)")
     if merge:
         _refuse_unmergeable(model)
         _refuse_tied_merge(model)

@@ -61,4 +61,7 @@ def load_splits(train: str, validation: str | None = None, test: str | None = No
 def _looks_like_path(s: str) -> bool:
     from pathlib import Path
 
-    return Path(s).suffix.lower() in (".jsonl", ".json", ".csv", ".parquet") or Path(s).exists()
+    try:
+        return Path(s).suffix.lower() in (".jsonl", ".json", ".csv", ".parquet") or Path(s).exists()
+    except OSError:  # e.g. a name longer than the file system allows
+        return False

@@ -147,8 +147,12 @@ def _score_run(run_cfg: RunConfig, cfg: CompareConfig, evaluate) -> dict[str, An
     from peftkit.core.inject import merge
     from peftkit.eval.tasks import load_model_with_adapter
 
-    adapter = Path(run_cfg.output_dir) / "adapter"
-    model, tok = load_model_with_adapter(run_cfg.model, str(adapter))
+    summary = json.loads((Path(run_cfg.output_dir) / "run_summary.json").read_text())
+    adapter = Path(summary["adapter"])
+    if summary.get("output_kind") == "model":  # full fine-tuning wrote a whole model folder
+        model, tok = load_model_with_adapter(str(adapter))
+    else:
+        model, tok = load_model_with_adapter(run_cfg.model, str(adapter))
     res = evaluate(model, tok, cfg.data.train, limit=cfg.eval.limit)
     scored = {"metric": _metric(res), **res, "perplexity": _forgetting(model, tok, cfg.eval),
               "latency_ms": _latency(model, tok, cfg), "latency_merged_ms": None,

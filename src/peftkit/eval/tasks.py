@@ -164,7 +164,7 @@ def perplexity(model: nn.Module, tokenizer: Any, path: str, window: int = 512, s
         text = file.read_text(encoding="utf-8")
     except UnicodeDecodeError as e:
         raise DataError(f"{file}: not UTF-8 text ({e.reason} at byte {e.start})") from None
-    ids = tokenizer(text, add_special_tokens=False)["input_ids"][: max_tokens or None]
+    ids = tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"][: max_tokens or None]
     if len(ids) < 2:
         raise DataError(f"{file}: too little text to measure perplexity")
     device = model_device(model)

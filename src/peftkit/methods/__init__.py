@@ -12,3 +12,4 @@ from peftkit.methods import selective  # noqa: F401
 from peftkit.methods import bitfit  # noqa: F401
 from peftkit.methods import linear_probe  # noqa: F401
 from peftkit.methods import full  # noqa: F401
+from peftkit.methods import qlora  # noqa: F401

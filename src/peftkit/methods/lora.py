@@ -265,7 +265,9 @@ def default_targets(model: nn.Module) -> list[str] | str:
 
 
 @register("lora", LoraConfig, "LoRA: trainable low-rank update B·A beside frozen linear/embedding weights (mergeable)")
-def attach_lora(model: nn.Module, config: LoraConfig, adapter_name: str) -> list[str]:
+def attach_lora(model: nn.Module, config: LoraConfig, adapter_name: str,
+                linear_cls: type[LoraLinear] | None = None) -> list[str]:
+    """Args: linear_cls: the wrapper for linear layers (QLoRA passes its subclass for quantized layers)."""
     targets = find_targets(
         model,
         config.target_modules if config.target_modules is not None else default_targets(model),
@@ -281,7 +283,7 @@ def attach_lora(model: nn.Module, config: LoraConfig, adapter_name: str) -> list
         elif isinstance(module, nn.Embedding):
             layer = LoraEmbedding(module)
         elif is_linear_like(module):
-            layer = LoraLinear(module)
+            layer = (linear_cls or LoraLinear)(module)
         else:  # find_targets only returns linear-like layers and embeddings
             raise ConfigError(f"LoRA cannot adapt module {name!r} of type {type(module).__name__}")
         layer.add_adapter(adapter_name, config.rank_for(name), config.scaling(name), config.dropout, config.init)

@@ -13,6 +13,14 @@ from peftkit.errors import ConfigError
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
+def save_model_folder(model: torch.nn.Module, tokenizer: object, out: str | Path) -> Path:
+    """``save_pretrained`` of the model and its tokenizer, atomically (an existing folder is replaced on success)."""
+    with atomic_dir(out) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+    return Path(out)
+
+
 def merge_to_folder(model_name: str, adapter: str, out: str | Path, dtype: str = "fp32", overwrite: bool = False) -> Path:
     """Load ``model_name`` + ``adapter``, fold the adapter into the weights and save the result atomically."""
     from peftkit.eval.tasks import load_model_with_adapter
@@ -23,8 +31,4 @@ def merge_to_folder(model_name: str, adapter: str, out: str | Path, dtype: str =
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise ConfigError(f"{out} exists and is not empty; choose another folder or pass --overwrite")
     model, tok = load_model_with_adapter(model_name, adapter)
-    merged = unload(model, merge=True).to(DTYPES[dtype])
-    with atomic_dir(out) as tmp:
-        merged.save_pretrained(tmp)
-        tok.save_pretrained(tmp)
-    return out
+    return save_model_folder(unload(model, merge=True).to(DTYPES[dtype]), tok, out)

@@ -161,11 +161,13 @@ def load_checkpoint(
         extra = torch.load(path / "optim.pt", weights_only=True, map_location="cpu")
         raw_state = json.loads((path / "trainer_state.json").read_text())
     except Exception as e:  # safetensors, unpickler (weights_only refuses code) and json raise many types
-        raise CheckpointError(f"{path}: unreadable checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''})") from None
+        reason = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
+        raise CheckpointError(f"{path}: unreadable checkpoint ({type(e).__name__}: {reason})") from None
     params = {n for n, p in model.named_parameters() if p.requires_grad}
     missing = sorted(params - set(tensors))
     if missing or set(tensors) - params:
-        raise CheckpointError(f"{path}: checkpoint does not match this model/method (e.g. {(missing or sorted(tensors))[0]!r})")
+        example = (missing or sorted(tensors))[0]
+        raise CheckpointError(f"{path}: checkpoint does not match this model/method (e.g. {example!r})")
     load_trainable(model, tensors, dist)
     known = {f.name for f in fields(TrainState)}
     state = TrainState(**{k: v for k, v in raw_state.items() if k in known})

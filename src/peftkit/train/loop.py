@@ -30,7 +30,8 @@ from peftkit.data.collate import Example, batch_order, pack_batch, pad_batch
 from peftkit.data.tokenize import IGNORE
 from peftkit.errors import PeftkitError
 from peftkit.train.checkpoint import (
-    CheckpointError, TrainState, checkpoint_dir, list_checkpoints, load_checkpoint, remove_stale, save_checkpoint, write_error_message,
+    CheckpointError, TrainState, checkpoint_dir, list_checkpoints, load_checkpoint, remove_stale, save_checkpoint,
+    write_error_message,
 )
 from peftkit.train.config import TrainConfig
 from peftkit.train.distributed import SINGLE, Dist, full_trainable_params, local_value, no_sync, shard, wrap
@@ -279,18 +280,12 @@ class Trainer:
         cfg = self.cfg
         if resume_from is not None:
             self._resume(resume_from)
-        if self.dist.is_main:
-            try:
-                self.output_dir.mkdir(parents=True, exist_ok=True)
-            except OSError as e:
-                raise CheckpointError(f"cannot create output_dir {self.output_dir}: {e.strerror or e}") from None
-            remove_stale(self.output_dir)
+        self.tracker = NullTracker()
+        self.dist.run_on_main(self._open_output)
         self._batches = self._epoch_batches(self.state.epoch)
         if cfg.gradient_checkpointing:
             enable_gradient_checkpointing(self.model)
         self.model.train()
-        self.tracker = (Tracker(self.output_dir, cfg.max_steps, self.state.step, self.show_progress)
-                        if self.dist.is_main else NullTracker())
         self._window = [0.0, 0.0, 0, time.perf_counter()]  # loss sum, tokens, steps, start time
         self._bad_in_row = 0
         try:
@@ -304,6 +299,15 @@ class Trainer:
         finally:
             self.tracker.close()
         return self.state
+
+    def _open_output(self) -> None:
+        """Rank 0: the output folder (minus a killed run's temporary leftovers) and the metric sinks."""
+        try:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            remove_stale(self.output_dir)
+            self.tracker = Tracker(self.output_dir, self.cfg.max_steps, self.state.step, self.show_progress)
+        except OSError as e:
+            raise CheckpointError(f"cannot write to output_dir {self.output_dir}: {e.strerror or e}") from None
 
     def _resume(self, path: Path) -> None:
         saved_world = self.state.world_size
@@ -353,7 +357,7 @@ class Trainer:
 
     def _bad_step(self, what: str) -> None:
         where = f"at step {self.state.step + 1}"
-        last = list_checkpoints(self.output_dir) if self.dist.is_main else []
+        last = list_checkpoints(self.output_dir)
         hint = f"; last good checkpoint: {last[-1]}" if last else "; no checkpoint written yet"
         self._bad_in_row += 1
         if self.cfg.on_nan == "stop":

@@ -17,6 +17,7 @@ from peftkit.core.adapter import count_parameters
 from peftkit.core.files import atomic_write_text
 from peftkit.core.inject import inject
 from peftkit.core.io import save_adapter
+from peftkit.models.export import save_model_folder
 from peftkit.data.load import Splits, load_splits
 from peftkit.data.template import Template
 from peftkit.data.tokenize import encode_all
@@ -26,6 +27,7 @@ from peftkit.train.checkpoint import CheckpointError, list_checkpoints, write_er
 from peftkit.train.config import RunConfig, dump_config
 from peftkit.train.distributed import Dist, full_trainable_params
 from peftkit.train.loop import Trainer
+from peftkit.train.memory import predicted_peak_mb
 from peftkit.train.tracking import peak_memory_mb, plot_loss
 
 SUMMARY = "run_summary.json"
@@ -168,8 +170,15 @@ def _train(cfg: RunConfig, resume: bool, show_progress: bool | None, log: Callab
     d.run_on_main(setup_dir)
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
 
+    # full fine-tuning delivers a whole model folder (transformers loads it alone); the rest an adapter
+    full_model = getattr(cfg.method_config(), "full_model", False)
+    final = out / ("model" if full_model else "adapter")
+
     def export(path: Path) -> None:
-        save_adapter(model, path)
+        if full_model:
+            save_model_folder(model, tok, path)
+        else:
+            save_adapter(model, path)
 
     trainer = Trainer(model, enc_train.examples, enc_val.examples, cfg.train, pad_id, out, export,
                       cfg.data.packing, cfg.data.group_by_length, cfg.data.max_length, show_progress, dist=d)
@@ -180,9 +189,9 @@ def _train(cfg: RunConfig, resume: bool, show_progress: bool | None, log: Callab
 
     def finish() -> dict[str, Any]:
         try:
-            export(out / "adapter")
+            export(final)
         except OSError as e:
-            raise CheckpointError(write_error_message(f"the adapter to {out / 'adapter'}", e, out)) from None
+            raise CheckpointError(write_error_message(f"the {final.name} to {final}", e, out)) from None
         plot = plot_loss(out / "metrics.jsonl", out / "loss.png")
         summary = {
             "status": "finished",
@@ -203,8 +212,10 @@ def _train(cfg: RunConfig, resume: bool, show_progress: bool | None, log: Callab
             "distributed": d.mode,
             "effective_batch_size": effective,
             "peak_memory_mb": round(peak_memory_mb(trainer.device), 1),
+            "predicted_memory_mb": predicted_peak_mb(cfg, model),  # after reading the peak: may allocate a little
             "wall_time_s": round(time.perf_counter() - start, 1),
-            "adapter": str(out / "adapter"),
+            "adapter": str(final),
+            "output_kind": final.name,
             "loss_plot": str(plot) if plot else None,
         }
         try:
@@ -216,6 +227,8 @@ def _train(cfg: RunConfig, resume: bool, show_progress: bool | None, log: Callab
     with full_trainable_params(model):  # FSDP: the whole adapter, not this rank's shard
         summary = d.broadcast(d.run_on_main(finish))
     log(f"done: {state.step} steps, adapter saved to {out / 'adapter'}; peak memory {summary['peak_memory_mb']:.0f} MB")
+    if summary.get("predicted_memory_mb") is not None:
+        log(f"memory: predicted {summary['predicted_memory_mb']:.0f} MB, measured {summary['peak_memory_mb']:.0f} MB")
     return summary
 
 

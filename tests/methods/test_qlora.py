@@ -1,0 +1,193 @@
+"""QLoRA: NF4/int8 storage error, training, save/load (plain LoRA files), merging into fp32, memory.
+
+The shared invariants (tests/methods/test_invariants.py) compare against the fp32 base; QLoRA's base is
+quantized, so the same invariants are checked here against the quantized base.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import peftkit
+from peftkit.core.adapter import adapter_parameters
+from peftkit.errors import ConfigError
+from peftkit.methods.qlora import (BLOCK, QLoraConfig, dequantize_weight, is_quantized, load_qlora_adapter,
+                                   quantize_linear, quantized_bytes)
+from tests.tiny import Tiny, perturb_adapters
+
+# NF4 code values (Dettmers et al. 2023, appendix E): the widest gap is between -1 and -0.6962
+NF4_HALF_GAP = (1.0 - 0.6961928) / 2
+MERGE_ATOL = 1e-5  # merged (fp32 dequantized + delta) vs unmerged (dequantize in forward + LoRA): fp32 rounding
+
+
+def _linear(out_f: int = 128, in_f: int = 256, seed: int = 0) -> nn.Linear:
+    torch.manual_seed(seed)
+    return nn.Linear(in_f, out_f)
+
+
+def test_nf4_round_trip_error_within_bound():
+    lin = _linear()
+    q = quantize_linear(lin, bits=4)
+    deq = dequantize_weight(q)
+    w = lin.weight.detach()
+    blocks = w.flatten().view(-1, BLOCK)  # (n_blocks, 64): bitsandbytes' blocks run along the flattened weight
+    absmax = blocks.abs().amax(dim=1, keepdim=True)
+    err = (deq.flatten().view(-1, BLOCK) - blocks).abs()
+    # half the widest NF4 gap of each block's absmax, + 2% for the 8-bit quantized absmax (double quant)
+    assert bool((err <= (NF4_HALF_GAP + 0.02) * absmax + 1e-7).all())
+    rel = ((deq - w).norm() / w.norm()).item()
+    assert 0.05 < rel < 0.11  # ~0.09 for uniform/normal weights (MEASURED.md: 0.092)
+    stored = q.weight.numel() + q.weight.quant_state.absmax.numel() + q.weight.quant_state.state2.absmax.numel() * 4
+    assert stored == quantized_bytes(w.numel(), 4, True)
+    assert 8 * stored / w.numel() == pytest.approx(4.13, abs=0.01)
+
+
+def test_int8_round_trip_error_within_bound():
+    lin = _linear()
+    deq = dequantize_weight(quantize_linear(lin, bits=8))
+    w = lin.weight.detach()
+    row_absmax = w.abs().amax(dim=1, keepdim=True)
+    assert bool(((deq - w).abs() <= row_absmax / 127 + 1e-6).all())  # within one int8 step of its row
+    assert ((deq - w).norm() / w.norm()).item() < 0.01
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_quantized_forward_matches_dequantized_weight(bits):
+    lin = _linear()
+    q = quantize_linear(lin, bits=bits)
+    x = torch.randn(5, 256)
+    expect = F.linear(x, dequantize_weight(q), lin.bias)
+    torch.testing.assert_close(q(x), expect, rtol=0, atol=1e-4)
+
+
+def _qlora(tiny: Tiny, bits: int = 4, perturb: bool = True) -> nn.Module:
+    model = tiny.build()
+    peftkit.inject(model, QLoraConfig(r=4, alpha=8, bits=bits))
+    if perturb:
+        perturb_adapters(model)
+    return model
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_base_is_quantized_and_only_lora_trains(tiny_llama, bits):
+    model = _qlora(tiny_llama, bits)
+    linears = [m for n, m in model.named_modules() if n.endswith("base_layer")]
+    assert linears and all(is_quantized(m) for m in linears)
+    assert not is_quantized(model.lm_head)  # the output head stays fp32
+    adapter = dict(adapter_parameters(model))
+    assert {id(p) for p in model.parameters() if p.requires_grad} == {id(p) for p in adapter.values()}
+    assert all(p.dtype == torch.float32 for p in adapter.values())
+    model.train()
+    tiny_llama.run_grad(model).sum().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in adapter.values())
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_training_reduces_loss_and_survives_an_eval_pass(tiny_llama, bits):
+    torch.manual_seed(0)
+    model = _qlora(tiny_llama, bits, perturb=False)
+    ids = tiny_llama.inputs["input_ids"]
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+
+    def step() -> float:
+        loss = F.cross_entropy(model(input_ids=ids).logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        return loss.item()
+
+    model.train()
+    first = step()
+    for _ in range(10):
+        step()
+    middle = step()
+    model.eval()  # bitsandbytes may repack weights for inference in eval + no_grad (MEASURED.md trap)
+    with torch.no_grad():
+        model(input_ids=ids)
+    model.train()
+    for _ in range(10):
+        last = step()
+    assert middle < first * 0.95
+    assert last < middle  # still learning after the evaluation pass
+
+
+def test_save_load_round_trip_and_peft_compatible_file(tiny_llama, hf_base_dir, tmp_path: Path):
+    import json
+
+    model = _qlora(tiny_llama)
+    out = tiny_llama.run(model)
+    peftkit.save_adapter(model, tmp_path / "adapter")
+    data = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert data["peft_type"] == "LORA" and "bits" not in data  # a plain LoRA file
+
+    loaded = load_qlora_adapter(tiny_llama.build(), tmp_path / "adapter")
+    saved, back = peftkit.adapter_state_dict(model), peftkit.adapter_state_dict(loaded)
+    assert sorted(saved) == sorted(back) and all(torch.equal(saved[k], back[k]) for k in saved)
+    torch.testing.assert_close(tiny_llama.run(loaded), out, rtol=0, atol=0)  # quantization is deterministic
+
+    # as plain LoRA over the fp32 base: peftkit and PEFT agree exactly; vs QLoRA only the quantization error
+    fp32 = peftkit.load_adapter(tiny_llama.build(), tmp_path / "adapter")
+    from peft import PeftModel
+
+    ref = PeftModel.from_pretrained(tiny_llama.build(), str(tmp_path / "adapter"))
+    torch.testing.assert_close(tiny_llama.run(fp32), tiny_llama.run(ref), rtol=0, atol=1e-5)
+    rel = ((tiny_llama.run(fp32) - out).norm() / out.norm()).item()
+    assert rel < 0.2
+
+
+def test_merge_dequantizes_into_fp32_within_tolerance(tiny_llama):
+    model = _qlora(tiny_llama)
+    unmerged = tiny_llama.run(model)
+    peftkit.merge(model)
+    torch.testing.assert_close(tiny_llama.run(model), unmerged, rtol=0, atol=MERGE_ATOL)
+    peftkit.unmerge(model)  # stays fp32 (dequantized base), same output as before merging
+    torch.testing.assert_close(tiny_llama.run(model), unmerged, rtol=0, atol=MERGE_ATOL)
+    plain = peftkit.unload(model, merge=True)
+    assert not any(is_quantized(m) for m in plain.modules())
+    assert sorted(plain.state_dict()) == sorted(tiny_llama.build().state_dict())
+    assert all(p.dtype == torch.float32 for p in plain.parameters())
+    torch.testing.assert_close(tiny_llama.run(plain), unmerged, rtol=0, atol=MERGE_ATOL)
+
+
+def test_adapter_off_equals_quantized_base(tiny_llama):
+    model = _qlora(tiny_llama)
+    adapted = tiny_llama.run(model)
+    with peftkit.disable_adapters(model):
+        off = tiny_llama.run(model)
+    base = tiny_llama.build()
+    for name, module in list(base.named_modules()):
+        if isinstance(module, nn.Linear) and name != "lm_head":
+            q = quantize_linear(module)
+            parent, _, child = name.rpartition(".")
+            setattr(base.get_submodule(parent), child, q)
+    torch.testing.assert_close(off, tiny_llama.run(base), rtol=0, atol=1e-6)
+    assert (adapted - off).abs().max() > 1e-3
+
+
+def test_bad_settings_name_the_field(tiny_gpt2):
+    with pytest.raises(ConfigError, match="method.bits"):
+        QLoraConfig(bits=3)
+    with pytest.raises(ConfigError, match="Conv1D"):
+        peftkit.inject(tiny_gpt2.build(), QLoraConfig())
+
+
+def test_memory_prediction_counts_quantized_bytes(hf_base_dir):
+    from transformers import AutoModelForCausalLM
+
+    from peftkit.train.config import load_config
+    from peftkit.train.memory import MB, predict_memory
+
+    cfg = load_config(None, [f"model={hf_base_dir('llama')}", "method.name=qlora"])
+    pred = predict_memory(cfg)  # meta device: weights declared with their quantized size
+    model = AutoModelForCausalLM.from_pretrained(hf_base_dir("llama"))
+    peftkit.inject(model, cfg.method_config())
+    real = predict_memory(cfg, model)  # the real quantized tensors (packed data + scales)
+    assert round(pred.weights * MB) == round(real.weights * MB)
+    lora = predict_memory(load_config(None, [f"model={hf_base_dir('llama')}", "method.name=lora",
+                                             "method.target_modules=all-linear"]))
+    assert pred.weights < lora.weights and pred.trainable_params == lora.trainable_params
