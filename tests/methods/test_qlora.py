@@ -116,7 +116,7 @@ def test_training_reduces_loss_and_survives_an_eval_pass(tiny_llama, bits):
     assert last < middle  # still learning after the evaluation pass
 
 
-def test_save_load_round_trip_and_peft_compatible_file(tiny_llama, hf_base_dir, tmp_path: Path):
+def test_save_load_round_trip_and_peft_compatible_file(tiny_llama, tmp_path: Path):
     import json
 
     model = _qlora(tiny_llama)

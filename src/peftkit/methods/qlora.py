@@ -184,8 +184,8 @@ def _own_storage(model: nn.Module) -> None:
 @register("qlora", QLoraConfig, "QLoRA: LoRA (fp32) over a 4-bit NF4 (or 8-bit) quantized frozen base (mergeable to fp32)")
 def attach_qlora(model: nn.Module, config: QLoraConfig, adapter_name: str) -> list[str]:
     quantize_base(model, config)
-    if config.target_modules is None:
-        config.target_modules = "all-linear"
+    if config.target_modules is None:  # the paper adapts every linear layer
+        config = dataclasses.replace(config, target_modules="all-linear")
     return attach_lora(model, config, adapter_name, linear_cls=QLoraLinear)
 
 

@@ -140,7 +140,7 @@ def predict_memory(cfg: RunConfig, model: nn.Module | None = None) -> MemoryBrea
     t = cfg.data.max_length + (virtual if virtual and prefix_kind != "prefix" else 0)
     kv_len = t + (virtual if prefix_kind == "prefix" else 0)
     tokens = cfg.train.batch_size * t
-    act = _activation_bytes(hf, cfg, keep, n_layers, t, kv_len)
+    act = _activation_bytes(hf, cfg, keep, t, kv_len)
     parts = {
         "weights": weights / MB,
         "gradients": grad_bytes / MB,
@@ -153,8 +153,8 @@ def predict_memory(cfg: RunConfig, model: nn.Module | None = None) -> MemoryBrea
     train = sum(parts.values())
     quantized = weights < 0.9 * checkpoint
     loading = RUNTIME_MB + (checkpoint + (weights if quantized else 0)) / MB
-    return MemoryBreakdown(**parts, loading=loading, total=max(train, loading), trainable_params=trainable, frozen_params=frozen,
-                           layers_with_backward=keep, tokens=tokens)
+    return MemoryBreakdown(**parts, loading=loading, total=max(train, loading), trainable_params=trainable,
+                           frozen_params=frozen, layers_with_backward=keep, tokens=tokens)
 
 
 def _parameter_bytes(model: nn.Module) -> tuple[int, int, int, int]:
@@ -218,7 +218,7 @@ def _is_final_norm(name: str) -> bool:
     return bool(re.fullmatch(r"(model\.|transformer\.)?(norm|ln_f|final_layer_norm)\.(weight|bias)", name))
 
 
-def _activation_bytes(hf: Any, cfg: RunConfig, keep: int, n_layers: int, t: int, kv_len: int) -> float:
+def _activation_bytes(hf: Any, cfg: RunConfig, keep: int, t: int, kv_len: int) -> float:
     """Bytes saved for backward by the decoder layers, the logits and the loss, for one micro-batch."""
     b = cfg.train.batch_size
     h = int(getattr(hf, "hidden_size", 0) or getattr(hf, "n_embd", 0))
