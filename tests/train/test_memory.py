@@ -91,9 +91,10 @@ def test_runtime_overhead_constant_is_measured():
 
 def _train_peak(tmp_path: Path, overrides: list[str]) -> tuple[float, float]:
     """(predicted MB from the run summary, peak RSS MB of the child) of a real ``peftkit train``."""
-    code = ("import resource, runpy, sys; sys.argv = ['peftkit'] + sys.argv[1:]\n"
+    code = ("import runpy, sys; sys.argv = ['peftkit'] + sys.argv[1:]\n"
+            "from peftkit.train.tracking import peak_memory_mb\n"
             "try:\n    runpy.run_module('peftkit', run_name='__main__')\n"
-            "finally:\n    print('MAXRSS', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)")
+            "finally:\n    print('MAXRSS', peak_memory_mb())")
     out = tmp_path / "run"
     env = {**os.environ, "PEFTKIT_TENSORBOARD": "0"}
     r = subprocess.run([sys.executable, "-c", code, "train", *overrides, f"output_dir={out}"],

@@ -18,12 +18,11 @@ from typing import Any
 
 import torch
 import torch.nn as nn
-import yaml
 
 from peftkit.core.config import from_dict, to_dict
 from peftkit.core.files import atomic_write_text
 from peftkit.errors import ConfigError
-from peftkit.train.config import DataConfig, RunConfig, TrainConfig, apply_override
+from peftkit.train.config import DataConfig, RunConfig, TrainConfig, apply_override, read_yaml_mapping
 
 
 @dataclass
@@ -87,17 +86,7 @@ class CompareConfig:
 
 
 def load_compare_config(path: str | Path | None, overrides: list[str] = ()) -> CompareConfig:
-    data: dict[str, Any] = {}
-    if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file not found: {p}")
-        try:
-            data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{p}: invalid YAML ({getattr(e, 'problem', e)})") from None
-        if not isinstance(data, dict):
-            raise ConfigError(f"{p}: the config must be a mapping")
+    data = read_yaml_mapping(path) if path is not None else {}
     for item in overrides:
         apply_override(data, item)
     return from_dict(CompareConfig, data)

@@ -167,23 +167,7 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig
     Raises:
         ConfigError: missing/unparsable file, unknown key (with the closest known one), bad value.
     """
-    data: dict[str, Any] = {}
-    if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file not found: {p}")
-        try:
-            data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
-        except yaml.YAMLError as e:
-            mark = getattr(e, "problem_mark", None)
-            line = f":{mark.line + 1}" if mark else ""
-            raise ConfigError(f"{p}{line}: invalid YAML ({getattr(e, 'problem', None) or type(e).__name__})") from None
-        except UnicodeDecodeError:
-            raise ConfigError(f"{p}: not UTF-8 text") from None
-        except RecursionError:
-            raise ConfigError(f"{p}: YAML nested too deeply") from None
-        if not isinstance(data, dict):
-            raise ConfigError(f"{p}: the config must be a mapping of sections (model, method, data, train, output_dir)")
+    data = read_yaml_mapping(path) if path is not None else {}
     data.setdefault("method", {"name": "lora"})
     for item in overrides:
         apply_override(data, item)
@@ -196,6 +180,26 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig
     except RecursionError:
         raise ConfigError("config nested too deeply") from None
     return cfg
+
+
+def read_yaml_mapping(path: str | Path) -> dict[str, Any]:
+    """A YAML file that must hold a mapping; every way it can be wrong is a one-line ConfigError."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file not found: {p}")
+    try:
+        data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        line = f":{mark.line + 1}" if mark else ""
+        raise ConfigError(f"{p}{line}: invalid YAML ({getattr(e, 'problem', None) or type(e).__name__})") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{p}: not UTF-8 text") from None
+    except RecursionError:
+        raise ConfigError(f"{p}: YAML nested too deeply") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{p}: the config must be a mapping of sections (model, method, data, train, ...)")
+    return data
 
 
 def _check_keys(node: Any, where: str = "", depth: int = 0, seen: set[int] | None = None) -> None:

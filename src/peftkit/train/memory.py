@@ -43,8 +43,8 @@ MB = 2**20
 RUNTIME_MB = 420.0
 
 _LAYER_RE = re.compile(r"\.(?:layers|h|layer|block)\.(\d+)\.")
-_PROBE = "import resource, torch, transformers, datasets, peftkit.train.run, peftkit.cli.commands; " \
-         "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)"
+_PROBE = "import torch, transformers, datasets, peftkit.train.run, peftkit.cli.commands; " \
+         "from peftkit.train.tracking import peak_memory_mb; print(peak_memory_mb())"
 
 
 @dataclass
@@ -248,7 +248,6 @@ def measure_runtime_mb() -> float:
     modules: the fixed cost under every training run."""
     out = subprocess.run([sys.executable, "-c", _PROBE], capture_output=True, text=True, check=True)
     return float(out.stdout.strip().splitlines()[-1])
-
 
 
 def predicted_peak_mb(cfg: RunConfig, model: nn.Module) -> float | None:

@@ -19,6 +19,14 @@ def peak_memory_mb(device: torch.device | None = None) -> float:
     """Peak memory of this process: max allocated on CUDA, else peak RSS."""
     if device is not None and device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
+    # VmHWM belongs to this process image; ru_maxrss survives exec, so a child started from a big process
+    # (a test runner) would report its parent's peak
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
