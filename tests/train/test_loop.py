@@ -141,3 +141,13 @@ def test_gradient_checkpointing_same_gradients(tiny_lm):
     assert plain.keys() == ckpt.keys() and plain
     for k in plain:
         torch.testing.assert_close(ckpt[k], plain[k], atol=1e-6, rtol=1e-5)
+
+
+def test_peak_memory_can_be_reset_between_runs():
+    from peftkit.train.tracking import peak_memory_mb, reset_peak_memory
+
+    big = torch.ones(64 * 2**20 // 4 * 4)  # 64 MiB touched
+    del big
+    high = peak_memory_mb()
+    reset_peak_memory()
+    assert peak_memory_mb() < high - 32

@@ -192,6 +192,7 @@ def build_report(cfg: CompareConfig, runs: list[tuple[str, RunConfig]], base: di
     for b in base["rows"]:
         rows.append({"label": b["label"], "kind": "in-context", "metric": b["metric"][0], "value": b["metric"][1],
                      "trainable_params": 0, "trainable_percent": 0.0, "adapter_bytes": 0, "peak_memory_mb": None,
+                     "predicted_memory_mb": None,
                      "train_time_s": None, "tokens_per_s": None, "latency_ms": base["latency_ms"],
                      "latency_merged_ms": None, "perplexity": base["perplexity"], "perplexity_change": 0.0})
     from peftkit.train.tracking import read_metrics
@@ -208,6 +209,7 @@ def build_report(cfg: CompareConfig, runs: list[tuple[str, RunConfig]], base: di
             "metric": ev["metric"][0], "value": ev["metric"][1],
             "trainable_params": summary["trainable_params"], "trainable_percent": summary["trainable_percent"],
             "adapter_bytes": ev["adapter_bytes"], "peak_memory_mb": summary["peak_memory_mb"],
+            "predicted_memory_mb": summary.get("predicted_memory_mb"),
             "train_time_s": summary["wall_time_s"], "tokens_per_s": statistics.median(tps) if tps else None,
             "latency_ms": ev["latency_ms"], "latency_merged_ms": ev["latency_merged_ms"],
             "perplexity": ppl,
@@ -221,6 +223,7 @@ def build_report(cfg: CompareConfig, runs: list[tuple[str, RunConfig]], base: di
 COLUMNS = [
     ("label", "method"), ("value", "test {metric}"), ("trainable_params", "trainable params"),
     ("trainable_percent", "% of model"), ("adapter_bytes", "adapter size"), ("peak_memory_mb", "peak memory (MB)"),
+    ("predicted_memory_mb", "predicted memory (MB)"),
     ("train_time_s", "train time (s)"), ("tokens_per_s", "tokens/s"), ("latency_ms", "latency unmerged (ms)"),
     ("latency_merged_ms", "latency merged (ms)"), ("perplexity_change", "general-text ppl change"),
 ]

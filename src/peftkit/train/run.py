@@ -28,7 +28,7 @@ from peftkit.train.config import RunConfig, dump_config
 from peftkit.train.distributed import Dist, full_trainable_params
 from peftkit.train.loop import Trainer
 from peftkit.train.memory import predicted_peak_mb
-from peftkit.train.tracking import peak_memory_mb, plot_loss
+from peftkit.train.tracking import peak_memory_mb, plot_loss, reset_peak_memory
 
 SUMMARY = "run_summary.json"
 
@@ -129,6 +129,7 @@ def train_run(cfg: RunConfig, resume: bool = False, show_progress: bool | None =
 def _train(cfg: RunConfig, resume: bool, show_progress: bool | None, log: Callable[[str], Any], d: Dist) -> dict[str, Any]:
     out = Path(cfg.output_dir)
     d.run_on_main(lambda: check_output_dir(out, cfg.overwrite, resume))
+    reset_peak_memory()  # this run's own peak, even when a process trains several (peftkit compare)
     start = time.perf_counter()
     prep = prepare(cfg)
     model, tok, template, splits = prep.model, prep.tokenizer, prep.template, prep.splits

@@ -30,6 +30,20 @@ def peak_memory_mb(device: torch.device | None = None) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
+def reset_peak_memory(device: torch.device | None = None) -> None:
+    """Start peak-memory accounting afresh (several runs in one process each report their own peak).
+
+    CPU: writing 5 to /proc/self/clear_refs resets VmHWM (Linux >= 4.0); CUDA: torch's peak statistics.
+    """
+    if device is not None and device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:  # not Linux, or not permitted: the peak then covers the whole process
+        pass
+
+
 class Tracker:
     """Logs metrics to every sink; the progress bar shows loss, lr, tokens/s and ETA."""
 
