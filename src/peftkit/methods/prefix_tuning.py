@@ -34,7 +34,8 @@ class PrefixTuningConfig(SoftPromptConfig):
     Attributes:
         projection: reparameterize the prefixes through an MLP while training (PEFT's ``prefix_projection``).
         encoder_hidden_size: h, the MLP's hidden size; default: kv_dim.
-        init: "random" (PEFT's default init) or "zero" (zero keys/values; PEFT's ``init_weights="zero"``).
+        init: "zero" (zero keys/values; PEFT's ``init_weights="zero"``; the default: on SmolLM2 + rotten-tomatoes
+            it reached 0.78 test accuracy where random init reached 0.55, see docs/compare) or "random" (PEFT's default).
     """
 
     peft_type = "PREFIX_TUNING"
@@ -42,7 +43,7 @@ class PrefixTuningConfig(SoftPromptConfig):
 
     projection: bool = False
     encoder_hidden_size: int | None = None
-    init: Literal["random", "zero"] = "random"
+    init: Literal["random", "zero"] = "zero"
 
     def validate(self) -> None:
         super().validate()
