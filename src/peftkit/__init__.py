@@ -13,9 +13,11 @@ from peftkit.core.adapter import (
     mark_only_adapters_trainable,
     set_active,
 )
+from peftkit.core.combine import combine_adapters
 from peftkit.core.config import ConfigError
 from peftkit.core.inject import delete_adapter, inject, merge, unload, unmerge
 from peftkit.core.io import AdapterFileError, adapter_state_dict, load_adapter, save_adapter
+from peftkit.core.mixed import mixed_batch
 from peftkit.core.registry import get_method, list_methods
 from peftkit.methods.bitfit import BitFitConfig
 from peftkit.methods.bottleneck import BottleneckConfig
@@ -49,6 +51,7 @@ __all__ = [
     "SelectiveConfig",
     "ParamCount",
     "adapter_state_dict",
+    "combine_adapters",
     "count_parameters",
     "delete_adapter",
     "disable_adapters",
@@ -58,6 +61,7 @@ __all__ = [
     "load_adapter",
     "mark_only_adapters_trainable",
     "merge",
+    "mixed_batch",
     "save_adapter",
     "set_active",
     "unload",

@@ -40,7 +40,8 @@ def assert_left_clean(model: nn.Module, tiny: Tiny, base_out: torch.Tensor) -> N
 
 def test_save_writes_a_peft_folder(tiny_llama: Tiny, tmp_path: Path) -> None:
     model, _ = saved_llama(tiny_llama, tmp_path / "ad", dropout=0.1)
-    assert sorted(p.name for p in (tmp_path / "ad").iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+    assert sorted(p.name for p in (tmp_path / "ad").iterdir()) == ["adapter_config.json", "adapter_model.safetensors",
+                                                                  "peftkit.json"]  # + which base (test_identity.py)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ad"]  # no temporary folder left behind
     cfg = json.loads((tmp_path / "ad" / "adapter_config.json").read_text())
     assert cfg == {

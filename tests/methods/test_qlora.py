@@ -191,3 +191,123 @@ def test_memory_prediction_counts_quantized_bytes(hf_base_dir):
     lora = predict_memory(load_config(None, [f"model={hf_base_dir('llama')}", "method.name=lora",
                                              "method.target_modules=all-linear"]))
     assert pred.weights < lora.weights and pred.trainable_params == lora.trainable_params
+
+
+# -- storing the rest of the base small: base_dtype, quantize_head (bench/memory.py) -------------------------------
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).norm() / b.norm()).item()
+
+
+def test_bf16_base_and_quantized_head_store_less_and_still_train(tiny_llama):
+    from peftkit.train.memory import _parameter_bytes
+
+    plain = _qlora(tiny_llama, perturb=False)
+    model = tiny_llama.build()
+    peftkit.inject(model, QLoraConfig(r=4, alpha=8, base_dtype="bf16", quantize_head=True))
+    assert model.model.embed_tokens.weight.dtype == torch.bfloat16 and is_quantized(model.lm_head)
+    assert all(p.dtype == torch.float32 for n, p in model.named_parameters() if "norm" in n)
+    out, ref = tiny_llama.run(model), tiny_llama.run(plain)
+    assert out.dtype == torch.float32
+    assert _rel(out, ref) < 0.15  # the head's NF4 error (~0.09 of its weights) plus bf16 rounding of the embedding
+    emb, head = plain.model.embed_tokens.weight.numel(), plain.lm_head.weight.numel()
+    saved = 2 * emb + 4 * head - quantized_bytes(head, 4, True)  # bf16 embedding, NF4 head
+    assert _parameter_bytes(model)[0] == _parameter_bytes(plain)[0] - saved
+    perturb_adapters(model)
+    model.train()
+    tiny_llama.run_grad(model).sum().backward()
+    adapter = dict(adapter_parameters(model))
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in adapter.values())  # incl. layer 0 (below the hook)
+
+
+def test_bf16_base_keeps_a_tied_head_tied_and_computes_in_fp32(tiny_llama):
+    model = tiny_llama.build(tie_word_embeddings=True)
+    peftkit.inject(model, QLoraConfig(r=4, alpha=8, base_dtype="bf16"))
+    fp32 = tiny_llama.build(tie_word_embeddings=True)
+    peftkit.inject(fp32, QLoraConfig(r=4, alpha=8))
+    assert model.lm_head.weight is model.model.embed_tokens.weight and model.lm_head.weight.dtype == torch.bfloat16
+    assert sorted(model.state_dict()) == sorted(fp32.state_dict())  # the same keys: files and merging unchanged
+    assert _rel(tiny_llama.run(model), tiny_llama.run(fp32)) < 0.02  # bf16 rounding of the embedding/head only
+    model.train()
+    tiny_llama.run_grad(model).sum().backward()  # the head's backward casts the bf16 weight up, and drops it
+    assert all(p.grad is not None for _, p in adapter_parameters(model))
+
+
+def test_quantized_head_of_a_tied_model_leaves_the_embedding(tiny_llama):
+    model = tiny_llama.build(tie_word_embeddings=True)
+    emb = model.model.embed_tokens.weight.detach().clone()
+    peftkit.inject(model, QLoraConfig(r=4, alpha=8, quantize_head=True))
+    assert is_quantized(model.lm_head) and torch.equal(model.model.embed_tokens.weight, emb)
+    assert model.model.embed_tokens.weight.dtype == torch.float32
+
+
+def test_meta_prediction_counts_the_options(hf_base_dir):
+    from transformers import AutoModelForCausalLM
+
+    from peftkit.train.config import load_config
+    from peftkit.train.memory import MB, predict_memory
+
+    cfg = load_config(None, [f"model={hf_base_dir('llama')}", "method.name=qlora", "method.base_dtype=bf16",
+                             "method.quantize_head=true"])
+    pred = predict_memory(cfg)
+    model = AutoModelForCausalLM.from_pretrained(hf_base_dir("llama"))
+    peftkit.inject(model, cfg.method_config())
+    assert round(pred.weights * MB) == round(predict_memory(cfg, model).weights * MB)
+    plain = predict_memory(load_config(None, [f"model={hf_base_dir('llama')}", "method.name=qlora"]))
+    assert pred.weights < plain.weights
+    fp32_file = 4 * (pred.trainable_params + pred.frozen_params) / MB
+    assert pred.loading < pred.runtime + fp32_file  # quantized layer by layer: the fp32 file is never all resident
+
+
+def test_quantizing_while_materializing_equals_quantizing_the_built_model(tiny_llama):
+    """A model built on the meta device and filled layer by layer (bench/memory.py's 1B model) gets the same
+    quantized base as the model built in full."""
+    from peftkit.methods.qlora import quantize_base
+
+    ref = tiny_llama.build()
+    state = ref.state_dict()
+    peftkit.inject(ref, QLoraConfig(r=4, alpha=8))
+    with torch.device("meta"):
+        model = type(tiny_llama.build())(tiny_llama.build().config)
+    filled = []
+
+    def fill(name: str, layer: nn.Linear) -> None:
+        filled.append(name)
+        layer.load_state_dict({k.removeprefix(name + "."): v for k, v in state.items() if k.startswith(name + ".")})
+
+    config = QLoraConfig(r=4, alpha=8)
+    quantize_base(model, config, materialize=fill)
+    assert filled and all(is_quantized(model.get_submodule(n)) for n in filled)
+    model.load_state_dict({k: v for k, v in state.items() if k.rsplit(".", 1)[0] not in filled}, strict=False,
+                          assign=True)
+    model.model.rotary_emb = type(ref.model.rotary_emb)(config=model.config)
+    torch.manual_seed(0)
+    peftkit.inject(model, config)
+    torch.testing.assert_close(tiny_llama.run(model), tiny_llama.run(ref), rtol=0, atol=0)
+
+
+def test_quantizing_a_memory_mapped_checkpoint_releases_pages_not_values(tiny_llama, hf_base_dir):
+    """transformers loads safetensors as views of a memory-mapped file; the pages of each quantized layer are
+    handed back to the OS (madvise) once it is done. The values read afterwards (the fp32 tensors kept) and the
+    model's output are those of the same model quantized from memory."""
+    from transformers import AutoModelForCausalLM
+
+    from peftkit.methods.qlora import _file_backed
+
+    mapped = AutoModelForCausalLM.from_pretrained(hf_base_dir("llama"))
+    if not _file_backed(mapped.model.layers[0].mlp.up_proj.weight):
+        pytest.skip("this transformers/platform does not memory-map safetensors weights")
+    torch.manual_seed(0)
+    peftkit.inject(mapped, QLoraConfig(r=4, alpha=8))
+    ref = tiny_llama.build()
+    torch.manual_seed(0)
+    peftkit.inject(ref, QLoraConfig(r=4, alpha=8))
+    assert not any(_file_backed(p) for p in mapped.parameters())  # nothing left viewing the file
+    torch.testing.assert_close(tiny_llama.run(mapped), tiny_llama.run(ref), rtol=0, atol=0)
+    torch.testing.assert_close(mapped.model.embed_tokens.weight, ref.model.embed_tokens.weight, rtol=0, atol=0)
+
+
+def test_bad_storage_settings_name_the_field():
+    with pytest.raises(ConfigError, match="method.base_dtype"):
+        QLoraConfig(base_dtype="fp16")
+    with pytest.raises(ConfigError, match="method.quantize_head"):
+        QLoraConfig(quantize_head="yes")

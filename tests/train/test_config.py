@@ -76,3 +76,9 @@ def test_demo_matches_shipped_example():
     demo = demo_config(example.output_dir, example.train.max_steps)
     assert demo.method_config() == example.method_config()
     assert demo.train == example.train and demo.data == example.data
+
+
+@pytest.mark.parametrize("method, lr", [("lora", 2e-4), ("prompt_tuning", 3e-2), ("p_tuning", 1e-2), ("full", 5e-5)])
+def test_lr_defaults_to_the_methods_own(method: str, lr: float) -> None:
+    assert load_config(None, [f"method.name={method}"]).train.lr == lr
+    assert load_config(None, [f"method.name={method}", "train.lr=0.5"]).train.lr == 0.5

@@ -118,6 +118,7 @@ def test_prediction_matches_peak_rss_tiny_lm(tiny_lm_dir, tmp_path, method):
 
 
 @pytest.mark.slow
-def test_prediction_matches_peak_rss_smollm2(tmp_path):
-    predicted, measured = _train_peak(tmp_path, ["method.name=lora", *SHORT])
+@pytest.mark.parametrize("method", ["lora", "qlora"])
+def test_prediction_matches_peak_rss_smollm2(tmp_path, method):
+    predicted, measured = _train_peak(tmp_path, [f"method.name={method}", *SHORT])
     assert abs(predicted - measured) / measured < 0.25, (predicted, measured)

@@ -152,11 +152,10 @@ def test_kill_during_checkpoint_write_and_at_random_times(tiny_lm_dir, data, ref
     time.sleep(delay)
     if proc.poll() is None:
         kill(proc)
-        assert not (out / "run_summary.json").exists(), f"seed {seed}: {delay:.2f} s"
+    if not (out / "run_summary.json").exists():  # killed mid-run: the last checkpoint is whole
         last = list_checkpoints(out)[-1]
         assert assert_loadable(tiny_lm_dir, data, last) == int(last.name[5:]), f"seed {seed}: {delay:.2f} s"
-    else:  # finished before the kill: the draw tested nothing more
-        assert proc.returncode == 0, f"seed {seed}"
+    # else: the run finished (the summary is its last write) before or as the kill landed: nothing more to test
 
     # 5. resumed to the end: the same adapter as a run never interrupted; leftovers of the kills removed
     if not (out / "run_summary.json").exists():

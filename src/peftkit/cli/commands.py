@@ -45,6 +45,8 @@ def _generate(sub: Any) -> None:
     p.add_argument("--temperature", type=float, default=0.7)
     p.add_argument("--top-p", type=float, default=0.9)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--strict-base", action="store_true",
+                   help="refuse an adapter trained on another base model (default: warn)")
     p.set_defaults(handler=run_generate)
 
 
@@ -53,7 +55,7 @@ def run_generate(args: argparse.Namespace) -> int:
     from peftkit.eval.generate import generate
     from peftkit.eval.tasks import load_model_with_adapter
 
-    model, tok = load_model_with_adapter(args.model, args.adapter)
+    model, tok = load_model_with_adapter(args.model, args.adapter, strict_base=args.strict_base)
     template = Template.create(tok, args.template)
     outs = generate(model, template, [user_example(p, args.system) for p in args.prompt], args.max_new_tokens,
                     args.sample, args.temperature, args.top_p, seed=args.seed)
@@ -63,19 +65,58 @@ def run_generate(args: argparse.Namespace) -> int:
 
 
 def _merge(sub: Any) -> None:
-    p = sub.add_parser("merge", help="write a standalone model with the adapter merged into its weights")
+    from peftkit.core.combine import COMBINATIONS
+
+    p = sub.add_parser("merge", help="write a standalone model with the adapter merged into its weights, "
+                                     "or combine several LoRA adapters into one",
+                       description="One --adapter: a standalone model with it merged. Several --adapter (or "
+                                   "--combination): one LoRA adapter combined from them (PEFT format), or with "
+                                   "--into-base a standalone model with that combination merged. Combinations: "
+                                   + "; ".join(f"{k}: {v}" for k, v in COMBINATIONS.items()) + ".")
     p.add_argument("--model", default="smollm2-135m", help="base model alias or folder")
-    p.add_argument("--adapter", required=True, help="adapter folder")
-    p.add_argument("--out", required=True, help="output folder (loads with transformers alone)")
-    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
+    p.add_argument("--adapter", required=True, action="append", help="adapter folder (repeat to combine several)")
+    p.add_argument("--out", required=True, help="output folder: the merged model (loads with transformers alone) "
+                                                "or the combined adapter")
+    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"], help="merged model's dtype")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
+    p.add_argument("--combination", choices=list(COMBINATIONS),
+                   help="how to combine the adapters (default with several adapters: cat, the exact sum)")
+    p.add_argument("--weights", help="comma-separated weight per adapter, e.g. 0.5,0.5 (default: all 1; "
+                                     "negative first value: --weights=-1,1)")
+    p.add_argument("--density", type=float, help="ties/dare/dare_ties: fraction of each delta kept, in (0, 1]")
+    p.add_argument("--rank", type=int, help="svd/ties/dare/dare_ties: rank of the combined adapter")
+    p.add_argument("--majority-sign", default="total", choices=["total", "frequency"],
+                   help="ties/dare_ties: elect each entry's sign by summed mass or by count")
+    p.add_argument("--seed", type=int, default=0, help="dare/dare_ties: seed of the random drop")
+    p.add_argument("--into-base", action="store_true",
+                   help="with several adapters: write a standalone model with the combination merged")
+    p.add_argument("--strict-base", action="store_true",
+                   help="refuse an adapter recorded as trained on other base weights (default: warn)")
     p.set_defaults(handler=run_merge)
 
 
 def run_merge(args: argparse.Namespace) -> int:
     from peftkit.models.export import merge_to_folder
 
-    print(f"merged model written to {merge_to_folder(args.model, args.adapter, args.out, args.dtype, args.overwrite)}")
+    if len(args.adapter) > 1 or any(v is not None for v in (args.combination, args.weights, args.density, args.rank)):
+        return _run_combine(args)
+    out = merge_to_folder(args.model, args.adapter[0], args.out, args.dtype, args.overwrite, args.strict_base)
+    print(f"merged model written to {out}")
+    return 0
+
+
+def _run_combine(args: argparse.Namespace) -> int:
+    from peftkit.core.combine import combine_to_folder
+    from peftkit.errors import ConfigError
+
+    try:
+        weights = [float(w) for w in args.weights.split(",")] if args.weights else None
+    except ValueError:
+        raise ConfigError(f"--weights must be comma-separated numbers, got {args.weights!r}") from None
+    out = combine_to_folder(args.model, args.adapter, args.out, weights, args.combination or "cat", args.density,
+                            args.rank, args.majority_sign, args.seed, args.into_base, args.dtype, args.overwrite,
+                            args.strict_base)
+    print(f"{'merged model' if args.into_base else 'combined adapter'} written to {out}")
     return 0
 
 
@@ -96,13 +137,25 @@ def _eval(sub: Any) -> None:
     p.add_argument("--predictions", help="write per-example predictions to this JSONL file")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true", help="print JSON")
+    p.add_argument("--forgetting", action="store_true",
+                   help="what the fine-tune cost: perplexity of held-out general text (hamlet.txt, or --data FILE.txt) "
+                        "and the --data task's score, base (adapter off) vs fine-tuned; positive forgetting = ability lost")
+    p.add_argument("--forgetting-tokens", type=int, default=2048, help="--forgetting: tokens of general text scored")
+    p.add_argument("--base", help="--forgetting: the base model to compare against (default: --model; needed when "
+                                  "--model is a fully fine-tuned model folder)")
+    p.add_argument("--strict-base", action="store_true",
+                   help="refuse an adapter trained on another base model (default: warn)")
     p.set_defaults(handler=run_eval)
 
 
 def run_eval(args: argparse.Namespace) -> int:
     from peftkit.eval.tasks import evaluate, load_model_with_adapter
 
-    model, tok = load_model_with_adapter(args.model, args.adapter)
+    if args.forgetting:
+        _check_forgetting_args(args)  # before the model is loaded
+    model, tok = load_model_with_adapter(args.model, args.adapter, strict_base=args.strict_base)
+    if args.forgetting:
+        return _print_forgetting(args, model, tok)
     res = evaluate(model, tok, args.data, args.task, args.split, args.limit, args.shots, args.template, args.seed,
                    max_new_tokens=args.max_new_tokens, predictions_file=args.predictions)
     if args.json:
@@ -112,6 +165,28 @@ def run_eval(args: argparse.Namespace) -> int:
         head += f", {res['split']}, {res['n']} examples, {res['shots']}-shot)" if "split" in res else ")"
         metrics = {k: v for k, v in res.items() if isinstance(v, float)}
         print(head + ": " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+    return 0
+
+
+def _check_forgetting_args(args: argparse.Namespace) -> None:
+    from peftkit.errors import ConfigError
+
+    if not args.adapter and not args.base:
+        raise ConfigError("--forgetting compares a fine-tune with its base: give --adapter (or --base for a fully "
+                          "fine-tuned --model folder)")
+    if args.forgetting_tokens <= 0:
+        raise ConfigError(f"--forgetting-tokens must be > 0, got {args.forgetting_tokens}")
+
+
+def _print_forgetting(args: argparse.Namespace, model: Any, tok: Any) -> int:
+    from peftkit.eval.forgetting import forgetting_report, format_report
+    from peftkit.models import load_model
+
+    text = args.data if args.data.endswith(".txt") else None
+    report = forgetting_report(model, tok, [] if text else [args.data], args.forgetting_tokens, args.limit or 200, text,
+                               args.template, base=lambda: load_model(args.base or args.model)[0], seed=args.seed,
+                               max_new_tokens=args.max_new_tokens)
+    print(json.dumps(report) if args.json else format_report(report))
     return 0
 
 

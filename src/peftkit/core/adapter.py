@@ -126,6 +126,8 @@ class AdapterState:
     configs: dict[str, Any] = field(default_factory=dict)
     targets: dict[str, list[str]] = field(default_factory=dict)
     active: list[str] = field(default_factory=list)
+    #: samples of the base weights taken when the first adapter was attached (core/identity.py); None: unknown
+    base_samples: dict[str, Any] | None = None
 
 
 def get_state(model: nn.Module) -> AdapterState:
@@ -165,15 +167,19 @@ def _extra_trainable(model: nn.Module, config: Any) -> Iterator[tuple[str, nn.Pa
     """Base parameters a config asks to train and save too: biases (``bias``) and ``modules_to_save``, or
     the whole selection of methods that train base parameters in place (``trainable_base_parameters``)."""
     select = getattr(config, "trainable_base_parameters", None)
-    if select is not None:
-        yield from select(model)
-        return
-    bias = getattr(config, "bias", "none")
+    selected: set[int] = set()
+    if select is not None:  # in place: the selection, plus any modules_to_save it leaves out (a classifier head)
+        for name, p in select(model):
+            selected.add(id(p))
+            yield name, p
+    bias = getattr(config, "bias", "none") if select is None else "none"
     extra = list(getattr(config, "modules_to_save", None) or [])
+    if select is not None and not extra:
+        return
     adapter_ids = {id(p) for _, layer in adapter_layers(model) for a in layer.adapter_names()
                    for _, p in layer.adapter_named_parameters(a)}
     for name, p in model.named_parameters():
-        if id(p) in adapter_ids:
+        if id(p) in adapter_ids or id(p) in selected:
             continue
         module_name = name.rsplit(".", 1)[0]
         if any(module_name == m or module_name.endswith("." + m) for m in extra):

@@ -111,6 +111,8 @@ class MethodConfig:
     method_name: ClassVar[str] = ""
     #: PEFT's ``peft_type`` for methods whose files PEFT can read; None otherwise.
     peft_type: ClassVar[str | None] = None
+    #: the learning rate ``train.lr`` defaults to for this method (measured on SmolLM2-135M, docs/methods.md)
+    default_lr: ClassVar[float] = 2e-4
 
     def __post_init__(self) -> None:
         self.validate()

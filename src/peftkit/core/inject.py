@@ -10,6 +10,7 @@ import torch.nn as nn
 from peftkit.core.adapter import (
     DEFAULT_ADAPTER,
     STATE_ATTR,
+    AdapterLayer,
     adapter_layers,
     ensure_state,
     get_state,
@@ -17,6 +18,7 @@ from peftkit.core.adapter import (
     set_active,
 )
 from peftkit.core.config import MethodConfig
+from peftkit.core.identity import param_samples
 from peftkit.core.registry import get_method
 from peftkit.errors import ConfigError, NotMergeableError
 
@@ -29,13 +31,52 @@ def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
 
 
 def wrap_modules(model: nn.Module, names: list[str], wrap: Callable[[str, nn.Module], nn.Module]) -> None:
-    """Replace each named submodule by ``wrap(name, module)`` (which may return the module itself)."""
+    """Replace each named submodule by ``wrap(name, module)`` (which may return the module itself).
+
+    Raises:
+        ConfigError: a module would be wrapped inside another method's wrapper of a whole block, or would wrap a
+            block holding another method's adapter layers (see :func:`refuse_nesting`).
+    """
+    for name in names:  # all checked before anything is wrapped: a refused attach leaves the model as it was
+        refuse_nesting(model, name, model.get_submodule(name))
     for name in names:
         old = model.get_submodule(name)
         new = wrap(name, old)
         new.train(old.training)  # new submodules (dropout) follow the model's mode: eval stays deterministic
         if new is not old:
             replace_module(model, name, new)
+
+
+def refuse_nesting(model: nn.Module, name: str, module: nn.Module) -> None:
+    """Adapter layers never nest: a method that wraps a whole block (bottleneck adapters and LLaMA-Adapter wrap
+    ``self_attn``/``mlp``) and a method that wraps layers inside it (LoRA on ``q_proj``) cannot share that block.
+
+    Nested, the inner adapter's module paths would change under it (``self_attn.base_layer.q_proj``): its file
+    keys would no longer be PEFT's and saving or unloading it would fail. Put the two methods on different blocks
+    (e.g. bottleneck ``placement: ffn`` with LoRA on attention projections) or use one of them.
+
+    Raises:
+        ConfigError: naming both modules and the adapter layer types.
+    """
+    parts = name.split(".")
+    for i in range(1, len(parts)):
+        outer = model.get_submodule(".".join(parts[:i]))
+        if isinstance(outer, AdapterLayer):
+            raise ConfigError(_nesting_message(".".join(parts[:i]), outer, name))
+    for inner_name, inner in module.named_modules():
+        if inner_name and isinstance(inner, AdapterLayer):
+            raise ConfigError(_nesting_message(name, None, f"{name}.{inner_name}", inner))
+
+
+def _nesting_message(block: str, outer: nn.Module | None, inner_name: str, inner: nn.Module | None = None) -> str:
+    inner_name = inner_name.replace(".base_layer.", ".")  # the path as the user knows it
+    if outer is not None:
+        what = f"{inner_name!r}: it sits inside {block!r}, which {type(outer).__name__} already wraps as a whole"
+    else:
+        what = f"{block!r}: it holds {inner_name!r}, already adapted by {type(inner).__name__}"
+    return (f"cannot adapt {what}; a method wrapping a whole block and one wrapping layers inside it cannot share "
+            "that block: put them on different blocks (e.g. bottleneck placement=ffn with LoRA on attention) or "
+            "use one of them")
 
 
 def inject(model: nn.Module, config: MethodConfig, adapter_name: str = DEFAULT_ADAPTER) -> nn.Module:
@@ -54,6 +95,8 @@ def inject(model: nn.Module, config: MethodConfig, adapter_name: str = DEFAULT_A
     state = ensure_state(model)
     if adapter_name in state.configs:
         raise ValueError(f"the model already has an adapter named {adapter_name!r}")
+    if state.base_samples is None:  # the base before any adapter changes it (merging, quantizing, training)
+        state.base_samples = param_samples(model)
     method = get_method(config.method_name)
     try:
         targets = method.attach(model, config, adapter_name)
@@ -73,7 +116,7 @@ def merge(model: nn.Module) -> nn.Module:
 
     Raises:
         NotMergeableError: an active adapter's method cannot be merged (e.g. bottleneck adapters); nothing is merged.
-        ValueError: a weight to merge into is shared with another module (tied input/output embeddings).
+        NotMergeableError: a weight to merge into is shared with another module (tied input/output embeddings).
     """
     _refuse_unmergeable(model)
     _refuse_tied_merge(model)
@@ -106,8 +149,8 @@ def _refuse_tied_merge(model: nn.Module) -> None:
         weight = getattr(layer.base_layer, "weight", None)
         others = [n for n in owners.get(id(weight), []) if not n.startswith(name + ".")]
         if others:
-            raise ValueError(f"cannot merge the adapter of {name!r}: its weight is tied to {others[0]!r}, which "
-                             "merging would change too; keep the adapter unmerged or untie the weights")
+            raise NotMergeableError(f"cannot merge the adapter of {name!r}: its weight is tied to {others[0]!r}, which "
+                                    "merging would change too; keep the adapter unmerged or untie the weights")
 
 
 def unmerge(model: nn.Module) -> nn.Module:

@@ -19,6 +19,7 @@ from safetensors.torch import load_file, save_file
 
 from peftkit.core.adapter import DEFAULT_ADAPTER, adapter_layers, adapter_parameters, get_state
 from peftkit.core.files import atomic_dir
+from peftkit.core.identity import check_base, write_identity
 from peftkit.core.inject import inject
 from peftkit.core.registry import METHODS, _load_builtin_methods
 from peftkit.errors import AdapterFileError, ConfigError
@@ -50,6 +51,7 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str = 
     with atomic_dir(path) as tmp:
         save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
         (tmp / CONFIG_NAME).write_text(json.dumps(peft_config, indent=2, sort_keys=True) + "\n")
+        write_identity(tmp, model, adapter_name, peft_config["base_model_name_or_path"])  # peftkit.json: which base
     return Path(path)
 
 
@@ -83,15 +85,22 @@ def load_adapter(
     path: str | os.PathLike,
     adapter_name: str = DEFAULT_ADAPTER,
     trainable: bool = False,
+    strict_base: bool = False,
 ) -> nn.Module:
     """Attach the adapter stored at ``path`` (peftkit's or PEFT's) and load its weights.
+
+    Args:
+        strict_base: refuse an adapter whose recorded base fingerprint (``peftkit.json``) is not this model's;
+            by default that only warns (:class:`peftkit.core.identity.BaseMismatchWarning`).
 
     Raises:
         AdapterFileError: the folder or its files are missing or malformed, its target modules are not in
             the model, or a tensor is missing, unexpected, or of the wrong shape (the first mismatching
-            tensor is named). On error the model is left without the new adapter.
+            tensor is named); with ``strict_base``, the adapter was trained on another base. On error the
+            model is left without the new adapter.
     """
     data = read_adapter_config(path)
+    check_base(model, path, base_model_name(model), strict_base)
     try:
         config = config_from_peft(data)
     except (ValueError, TypeError) as e:  # bad values in the file: name the file

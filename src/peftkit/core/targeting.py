@@ -58,6 +58,18 @@ def output_head_names(model: nn.Module) -> set[str]:
     return heads
 
 
+# PEFT's names for the head of a sequence classifier (``PeftModelForSequenceClassification``): trained and saved
+# with the adapter as ``modules_to_save`` for task type SEQ_CLS.
+CLASSIFICATION_HEADS = ("classifier", "score")
+
+
+def classification_head_names(model: nn.Module) -> list[str]:
+    """The names (last path segment) of the model's classification head(s): ``classifier`` (BERT family) or
+    ``score`` (decoder classifiers such as Llama); empty for models without one."""
+    found = {name.split(".")[-1] for name, _ in model.named_modules() if name.split(".")[-1] in CLASSIFICATION_HEADS}
+    return [h for h in CLASSIFICATION_HEADS if h in found]
+
+
 def find_targets(
     model: nn.Module,
     target_modules: TargetSpec,
@@ -90,6 +102,11 @@ def find_targets(
     inside_wrapper: str | None = None
     for name, mod in model.named_modules():
         if inside_wrapper is not None and name.startswith(inside_wrapper):
+            if (name.startswith(inside_wrapper + "base_layer.") and accept(mod)
+                    and _selected(name.replace(".base_layer.", "."), mod, target_modules, exclude, layer_set, heads)):
+                from peftkit.core.inject import refuse_nesting
+
+                refuse_nesting(model, name, mod)  # a layer inside a block another method wraps: raises, naming both
             continue
         base = getattr(mod, "base_layer", None)
         if isinstance(base, nn.Module):
@@ -111,6 +128,19 @@ def find_targets(
     if not found:
         raise ConfigError(_nothing_matched(target_modules, exclude, layers, candidates))
     return found
+
+
+def _selected(name: str, mod: nn.Module, target_modules: TargetSpec, exclude: TargetSpec, layers: set[int] | None,
+              heads: set[str]) -> bool:
+    """Would ``find_targets`` pick the module ``name`` (its path without wrappers)?"""
+    if target_modules == "all-linear":
+        if not is_linear_like(mod) or name in heads:
+            return False
+    elif not name_matches(name, target_modules):
+        return False
+    if exclude is not None and name_matches(name, exclude):
+        return False
+    return layers is None or layer_index(name) in layers
 
 
 def _nothing_matched(target, exclude, layers, candidates: list[str]) -> str:

@@ -69,6 +69,20 @@ def batch_order(
     rng = random.Random(seed * 1_000_003 + epoch)
     order = list(range(len(lengths)))
     rng.shuffle(order)
+    return batches_from_order(order, lengths, batch_size, rng, group_by_length, token_budget)
+
+
+def batches_from_order(
+    order: Sequence[int],
+    lengths: Sequence[int],
+    batch_size: int,
+    rng: random.Random,
+    group_by_length: bool = True,
+    token_budget: int | None = None,
+) -> list[list[int]]:
+    """Cut an already shuffled ``order`` of example indices into batches (see :func:`batch_order`);
+    ``rng`` shuffles the batches when they are grouped by length."""
+    order = list(order)
     if token_budget is not None:
         batches, cur, used = [], [], 0
         for i in order:
@@ -85,3 +99,68 @@ def batch_order(
     if group_by_length:
         rng.shuffle(batches)
     return batches
+
+
+CALL_OVERHEAD = 32  # what one more forward/backward call costs, in padded tokens (python, small matmuls)
+
+
+def split_padded(batch: dict[str, torch.Tensor], overhead: int = CALL_OVERHEAD) -> list[dict[str, torch.Tensor]]:
+    """A right-padded batch as sub-batches of similar-length rows, each cut to its own longest row.
+
+    One long example makes every row of its batch as long as itself (chatterbot: a 221-token answer among
+    rows of ~60). Regrouping the rows so that ``sum(rows x longest)`` is least (plus ``overhead`` per extra
+    call, and minus what a token prefix shared by all rows saves when run once per sub-batch, see
+    ``train/shared_prefix.py``) drops that padding; the loop sums the sub-batches' losses and gradients
+    over the step, which is the batch's own. Rows keep their order within a sub-batch.
+
+    Returns ``[batch]`` when nothing is gained or the batch is not a right-padded (B, T) one.
+    """
+    ids, mask = batch.get("input_ids"), batch.get("attention_mask")
+    if ids is None or mask is None or ids.ndim != 2 or ids.shape[0] < 2:
+        return [batch]
+    rows, width = ids.shape
+    lengths = mask.sum(dim=1)  # (B,)
+    if not torch.equal(mask.bool(), torch.arange(width, device=mask.device) < lengths[:, None]):
+        return [batch]  # not right-padded: rows cannot be cut at their length
+    same = ((ids == ids[:1]) & (mask == 1)).all(dim=0)  # (T,)
+    shared = int(same.long().cumprod(0).sum())
+    order = sorted(range(rows), key=lambda i: int(lengths[i]))
+    groups = _least_padding(sorted(int(n) for n in lengths), shared, overhead)
+    if len(groups) == 1:
+        return [batch]
+    out = []
+    for start, stop in groups:
+        keep = torch.tensor(sorted(order[start:stop]), device=ids.device)
+        cut = int(lengths[keep].max())
+        sub = {}
+        for key, value in batch.items():
+            if value.ndim >= 2 and value.shape[:2] == (rows, width):
+                if key not in _ALIGNED or (key == "labels" and (value[keep, cut:] != IGNORE).any()):
+                    return [batch]  # a (B, T) tensor not known to follow input_ids (seq2seq labels): leave it whole
+                sub[key] = value[keep, :cut]
+            elif value.ndim >= 1 and value.shape[0] == rows:
+                sub[key] = value[keep]
+            else:
+                return [batch]
+        out.append(sub)
+    return out
+
+
+_ALIGNED = ("input_ids", "attention_mask", "labels", "position_ids", "token_type_ids")  # per-token, as input_ids
+
+
+def _least_padding(lengths: Sequence[int], shared: int, overhead: int) -> list[tuple[int, int]]:
+    """Split ascending ``lengths`` into runs ``[start, stop)`` minimising the padded tokens computed."""
+    n = len(lengths)
+    best = [0.0] + [float("inf")] * n  # best[j]: least cost of the first j rows
+    cut = [0] * (n + 1)
+    for j in range(1, n + 1):
+        for i in range(j):
+            cost = best[i] + (j - i) * lengths[j - 1] - (j - i - 1) * shared + (overhead if i else 0)
+            if cost < best[j]:
+                best[j], cut[j] = cost, i
+    groups, j = [], n
+    while j:
+        groups.append((cut[j], j))
+        j = cut[j]
+    return groups[::-1]

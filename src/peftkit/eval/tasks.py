@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import math
 import random
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -33,14 +34,13 @@ TASKS = ("auto", "classification", "multiple_choice", "generation", "perplexity"
 LETTERS = "ABCDEFGHIJ"
 
 
-def load_model_with_adapter(model_name: str, adapter: str | None = None) -> tuple[nn.Module, Any]:
-    from peftkit.core.io import load_adapter
-    from peftkit.models import load_model
+def load_model_with_adapter(model_name: str, adapter: str | None = None,
+                            strict_base: bool = False) -> tuple[nn.Module, Any]:
+    """The model (+ adapter) with the head of the task it was trained for: a causal LM, a sequence classifier
+    (``task: seq_cls`` adapters and models) or an encoder-decoder."""
+    from peftkit.train.tasks import load_for_eval
 
-    model, tok = load_model(model_name)
-    if adapter:
-        load_adapter(model, adapter)
-    return model, tok
+    return load_for_eval(model_name, adapter, strict_base)
 
 
 def evaluate(
@@ -56,8 +56,12 @@ def evaluate(
     batch_size: int = 16,
     max_new_tokens: int = 48,
     predictions_file: str | Path | None = None,
+    transform: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
     """Score ``model`` on ``split`` of ``data`` (the first ``limit`` examples of a seeded shuffle).
+
+    ``transform`` rewrites every example (and shot) before it is rendered, e.g. to give it the task
+    instruction a multi-task run trained with (:func:`peftkit.data.mixture.with_instruction`).
 
     Returns:
         ``{"task", "data", "split", "n", "shots", <metrics>...}``; per-example predictions go to
@@ -70,6 +74,17 @@ def evaluate(
     if task == "perplexity" or (task == "auto" and Path(data).suffix == ".txt"):
         result = perplexity(model, tokenizer, data)
         return {"task": "perplexity", "data": data, **result}
+    from peftkit.train.tasks import evaluate_seq_cls, is_seq_cls
+
+    if is_seq_cls(model):  # a classification head answers directly: accuracy of its arg-max class
+        if task not in ("auto", "classification"):
+            raise ConfigError(f"a sequence-classification model scores task classification, not {task!r}")
+        res = evaluate_seq_cls(model, tokenizer, data, split, limit, seed, batch_size=batch_size)
+        if predictions_file is not None:
+            lines = [json.dumps({"text": r["text"], "reference": r["label"], "prediction": p})
+                     for r, p in zip(res.pop("rows"), res.pop("predictions"))]
+            atomic_write_text(predictions_file, "\n".join(lines) + "\n")
+        return {k: v for k, v in res.items() if k not in ("rows", "predictions")}
     splits, task = _load_task(data, task, seed)
     rows = list(getattr(splits, split))
     if not rows:
@@ -77,6 +92,8 @@ def evaluate(
     random.Random(seed).shuffle(rows)
     rows = rows[:limit] if limit else rows
     shot_rows = draw_shots(splits.train, shots, seed, options=splits.label_options) if shots else []
+    if transform is not None:
+        rows, shot_rows = [transform(r) for r in rows], [transform(r) for r in shot_rows]
     queries = [with_shots(r, shot_rows) for r in rows]
     tmpl = Template.create(tokenizer, template, splits.format)
     out: dict[str, Any] = {"task": task, "data": data, "split": split, "n": len(rows), "shots": shots}

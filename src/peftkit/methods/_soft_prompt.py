@@ -23,7 +23,7 @@ generates exactly what each row generates alone.
 With a KV cache the prompt is added once: a cache that already holds it carries a marker, and later
 steps only extend the attention mask and positions. For encoder-decoder models (T5) the embeddings kind
 prepends to the encoder input (a hook on ``get_encoder()``, which ``generate`` calls on its own) and the
-prefix kind prefixes the decoder's self-attention.
+prefix kind prefixes the decoder's self-attention, with PEFT's layer-to-row layout (``Geometry.prefix_slot``).
 
 Files are PEFT's: one tensor ``prompt_embeddings`` holding the table (for P-tuning and projected prefixes
 the encoder's *output*, as PEFT stores it), written and read through the config's ``to_file`` /
@@ -100,7 +100,8 @@ class SoftPromptConfig(MethodConfig):
             "token_dim": geo.kv_dim if prefix else geo.hidden,
             "num_attention_heads": geo.kv_heads if prefix else geo.heads,
             "num_layers": geo.layers,
-            "num_transformer_submodules": 1,
+            # PEFT's default per task type; prompt tables of encoder-decoders are written with N rows, not 2N
+            "num_transformer_submodules": geo.prefix_submodules if prefix else 1,
             "modules_to_save": None,
             **self.peft_fields(),
         }
@@ -188,8 +189,24 @@ class Geometry:
 
     @property
     def prefix_width(self) -> int:
-        """Width of one prefix row: a key and a value for every layer."""
+        """Width of one prefix row: 2·layers (key, value) slots of kv_dim each."""
         return self.layers * 2 * self.kv_dim
+
+    @property
+    def prefix_submodules(self) -> int:
+        """PEFT's ``num_transformer_submodules`` for prefixes: 2 for encoder-decoders, 1 otherwise."""
+        return 2 if self.encoder_decoder else 1
+
+    def prefix_slot(self, layer: int) -> int:
+        """Which of a prefix row's 2·layers slots holds ``layer``'s key (its value is the next slot).
+
+        Decoder-only models: layer l takes slots 2l, 2l+1. Encoder-decoders follow PEFT (``get_prompt`` with
+        ``num_transformer_submodules=2``): it repeats the 2L slots to 4L, cuts them into L groups of (self key,
+        self value, cross key, cross value) and keeps only the self-attention pair (the cross-attention cache is
+        replaced by an empty one). So decoder layer l takes slots 4l mod 2L and 4l mod 2L + 1: with an even
+        number of layers (every released T5), layers l and l + L/2 share one prefix and half the slots are unused.
+        """
+        return (2 * self.prefix_submodules * layer) % (2 * self.layers)
 
     @staticmethod
     def of(model: nn.Module) -> Geometry:
@@ -315,17 +332,18 @@ def attach_soft_prompt(model: nn.Module, config: SoftPromptConfig, adapter_name:
         raise ConfigError(f"{config.method_name} needs a language model with an LM head (…ForCausalLM or "
                           f"…ForConditionalGeneration); {type(model).__name__} has none")
     name = next(n for n, m in model.named_modules() if m is embedding)
+    if isinstance(embedding, AdapterLayer) and not isinstance(embedding, SoftPromptLayer):
+        raise ConfigError(f"module {name!r} is already adapted by another method ({type(embedding).__name__})")
+    base = embedding.base_layer if isinstance(embedding, SoftPromptLayer) else embedding
+    dtype = base.weight.dtype if base.weight.dtype in (torch.float32, torch.float64) else torch.float32
+    # built before wrapping, so that a config the model refuses leaves the model untouched
+    encoder = config.make_encoder(model, base).to(device=base.weight.device, dtype=dtype)
+    encoder.train(model.training)
     if isinstance(embedding, SoftPromptLayer):
         layer = embedding
-    elif isinstance(embedding, AdapterLayer):
-        raise ConfigError(f"module {name!r} is already adapted by another method ({type(embedding).__name__})")
     else:
         layer = SoftPromptLayer(embedding, model)
         replace_module(model, name, layer)
-    base = layer.base_layer
-    dtype = base.weight.dtype if base.weight.dtype in (torch.float32, torch.float64) else torch.float32
-    encoder = config.make_encoder(model, base).to(device=base.weight.device, dtype=dtype)
-    encoder.train(model.training)
     layer.prompt_encoder[adapter_name] = encoder
     return [name]
 
@@ -417,13 +435,16 @@ def _prefix(layer: SoftPromptLayer, model: nn.Module, encoder: nn.Module, kw: di
             mask_key: str, position_key: str) -> _Call:
     """Pass the per-layer prefix as a pre-filled cache; extend the mask and shift the positions by N."""
     geo = encoder.geometry
-    ref = kw.get("input_ids") if kw.get("input_ids") is not None else kw.get("inputs_embeds")
-    if geo.encoder_decoder:
-        ref = kw.get("decoder_input_ids") if kw.get("decoder_input_ids") is not None else kw.get("decoder_inputs_embeds")
+    names: tuple[str, ...] = ("input_ids", "inputs_embeds")  # any input with the batch size
+    if geo.encoder_decoder:  # labels alone are fine too: the model shifts them into decoder_input_ids
+        names = ("decoder_input_ids", "decoder_inputs_embeds", "labels", *names, "encoder_outputs")
+    ref = next((kw[k] for k in names if kw.get(k) is not None), None)
     if ref is None:
-        raise PeftkitError("prefix tuning needs input_ids or inputs_embeds (decoder_input_ids for encoder-decoders)")
+        raise PeftkitError("prefix tuning needs input_ids or inputs_embeds (for encoder-decoders also "
+                           "decoder_input_ids, labels or encoder_outputs)")
+    batch = (ref if isinstance(ref, torch.Tensor) else ref[0]).shape[0]  # encoder_outputs: (hidden states, ...)
     dtype = layer.base_layer.weight.dtype
-    keys, values = _prefix_states(layer.prompt_rows(encoder, dtype), geo, ref.shape[0])
+    keys, values = _prefix_states(layer.prompt_rows(encoder, dtype), geo, batch)
     call = _Call()
     use_cache = kw.get("use_cache")
     if use_cache is None:
@@ -564,11 +585,13 @@ def _cache_types() -> tuple[type, ...]:
 
 
 def _prefix_states(rows: torch.Tensor, geo: Geometry, batch: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """(N, layers*2*kv_dim) rows -> per-layer keys and values, each (B, kv_heads, N, head_dim), in PEFT's order."""
+    """(N, layers*2*kv_dim) rows -> per-layer keys and values, each (B, kv_heads, N, head_dim), in PEFT's order
+    (see :meth:`Geometry.prefix_slot` for encoder-decoders)."""
     n = rows.shape[0]
     states = rows.view(n, geo.layers * 2, geo.kv_heads, geo.head_dim).permute(1, 2, 0, 3)  # (2L, H, N, hd)
     states = states.unsqueeze(1).expand(-1, batch, -1, -1, -1)  # (2L, B, H, N, hd)
-    return [states[2 * i] for i in range(geo.layers)], [states[2 * i + 1] for i in range(geo.layers)]
+    slots = [geo.prefix_slot(i) for i in range(geo.layers)]
+    return [states[s] for s in slots], [states[s + 1] for s in slots]
 
 
 def _wrap_encdec(cache: Any) -> Any:

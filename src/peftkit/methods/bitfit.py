@@ -22,6 +22,8 @@ from peftkit.methods.selective import InPlaceConfig, _base_parameters, attach_in
 class BitFitConfig(InPlaceConfig):
     """BitFit has no settings: every bias of the model trains."""
 
+    default_lr = 1e-3
+
     peft_type: ClassVar[str] = "PEFTKIT_BITFIT"
 
     def trainable_base_parameters(self, model: nn.Module) -> Iterator[tuple[str, nn.Parameter]]:

@@ -75,6 +75,8 @@ class BottleneckConfig(MethodConfig):
         modules_to_save: extra base modules trained fully and saved with the adapter.
     """
 
+    default_lr = 1e-3
+
     peft_type = FILE_TYPE
 
     size: int = 64

@@ -118,25 +118,38 @@ class DoraLinear(DoraMixin, LoraLinear):
         self._init_dora()
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if self.mixed_rows is not None:
+            return self.mixed_forward(x, *args, **kwargs)
         adapters = self.use_adapters()  # first: a disabled layer unmerges before the base runs
         base = self.base_layer(x, *args, **kwargs)
         result = base
-        weight = self.base_layer.weight
         for name in adapters:
-            A, B, s = self.lora_A[name], self.lora_B[name], self.scaling[name]
-            dropout = self.lora_dropout[name]
-            h = dropout(x.to(A.weight.dtype) if not torch.is_autocast_enabled(x.device.type) else x)
-            lora = B(A(h)) * s  # (..., out)
-            if name not in self.lora_magnitude_vector:
-                result = result + lora.to(result.dtype)
-                continue
-            f = self._factor(name, weight)  # (out,)
-            if isinstance(dropout, nn.Identity) or not self.training:
-                plain = base if self.bias is None else base - self.bias  # W0·x, (..., out)
-            else:  # PEFT's rule: with active dropout the magnitude term sees the dropped-out input too
-                plain = F.linear(h.to(weight.dtype), weight.T if self.fan_in_fan_out else weight)
-            result = result + ((f - 1) * plain + f * lora).to(result.dtype)
+            result = result + self._change(name, x, base).to(result.dtype)
         return result
+
+    def mixed_forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        """The base on the whole batch, each adapter's change only on its own rows (``mixed_rows``)."""
+        base = self.base_layer(x, *args, **kwargs)  # (B, ..., out)
+        result = base
+        for name, rows in self.mixed_rows.groups(x, self.lora_A):
+            result = result.index_add(0, rows, self._change(name, x[rows], base[rows]).to(result.dtype))
+        return result
+
+    def _change(self, name: str, x: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
+        """What adapter ``name`` adds to the base output ``base`` (..., out) of input ``x`` (..., in)."""
+        A, B, s = self.lora_A[name], self.lora_B[name], self.scaling[name]
+        dropout = self.lora_dropout[name]
+        weight = self.base_layer.weight
+        h = dropout(x.to(A.weight.dtype) if not torch.is_autocast_enabled(x.device.type) else x)
+        lora = B(A(h)) * s  # (..., out)
+        if name not in self.lora_magnitude_vector:
+            return lora
+        f = self._factor(name, weight)  # (out,)
+        if isinstance(dropout, nn.Identity) or not self.training:
+            plain = base if self.bias is None else base - self.bias  # W0·x, (..., out)
+        else:  # PEFT's rule: with active dropout the magnitude term sees the dropped-out input too
+            plain = F.linear(h.to(weight.dtype), weight.T if self.fan_in_fan_out else weight)
+        return (f - 1) * plain + f * lora
 
 
 class DoraEmbedding(DoraMixin, LoraEmbedding):
@@ -149,20 +162,34 @@ class DoraEmbedding(DoraMixin, LoraEmbedding):
         self._init_dora()
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if self.mixed_rows is not None:
+            return self.mixed_forward(x, *args, **kwargs)
         adapters = self.use_adapters()
         base = self.base_layer(x, *args, **kwargs)
         result = base
-        emb = self.base_layer
         for name in adapters:
-            A, B = self.lora_embedding_A[name], self.lora_embedding_B[name]
-            after_a = F.embedding(x, A.T, emb.padding_idx, emb.max_norm, emb.norm_type,
-                                  emb.scale_grad_by_freq, emb.sparse)  # (..., r)
-            lora = (after_a @ B.T) * self.scaling[name]  # (..., dim)
-            if name in self.lora_magnitude_vector:
-                f = self._factor(name, emb.weight)  # (dim,)
-                lora = (f - 1) * base + f * lora
-            result = result + lora.to(result.dtype)
+            result = result + self._change(name, x, base).to(result.dtype)
         return result
+
+    def mixed_forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        """The base lookup for the whole batch, each adapter's change only on its own rows (``mixed_rows``)."""
+        base = self.base_layer(x, *args, **kwargs)  # (B, ..., dim)
+        result = base
+        for name, rows in self.mixed_rows.groups(x, self.lora_embedding_A):
+            result = result.index_add(0, rows, self._change(name, x[rows], base[rows]).to(result.dtype))
+        return result
+
+    def _change(self, name: str, x: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
+        """What adapter ``name`` adds to the base embeddings ``base`` (..., dim) of token ids ``x``."""
+        A, B = self.lora_embedding_A[name], self.lora_embedding_B[name]
+        emb = self.base_layer
+        after_a = F.embedding(x, A.T, emb.padding_idx, emb.max_norm, emb.norm_type,
+                              emb.scale_grad_by_freq, emb.sparse)  # (..., r)
+        lora = (after_a @ B.T) * self.scaling[name]  # (..., dim)
+        if name in self.lora_magnitude_vector:
+            f = self._factor(name, emb.weight)  # (dim,)
+            lora = (f - 1) * base + f * lora
+        return lora
 
 
 def _to_dora(layer: LoraLayer, name: str) -> DoraLinear | DoraEmbedding:

@@ -20,6 +20,8 @@ from peftkit.methods.selective import InPlaceConfig, _base_parameters, attach_in
 class FullConfig(InPlaceConfig):
     """Full fine-tuning has no settings."""
 
+    default_lr = 5e-5
+
     peft_type: ClassVar[str] = "PEFTKIT_FULL"
     full_model: ClassVar[bool] = True  # the run writes a complete model folder
 

@@ -28,6 +28,7 @@ import torch.nn as nn
 from peftkit.core.adapter import AdapterLayer
 from peftkit.core.config import ConfigError, TargetedConfig, check
 from peftkit.core.inject import wrap_modules
+from peftkit.core.mixed import MixedRows
 from peftkit.core.registry import register
 from peftkit.core.targeting import TargetSpec, compact_targets, find_targets, is_linear_like
 
@@ -53,6 +54,8 @@ class IA3Config(TargetedConfig):
             or none for unknown models. Must be a subset of ``target_modules`` when both are lists.
         init: "ones" (the base model at init) or "random" (l ~ N(0, 1), as PEFT's ``init_ia3_weights=False``; tests).
     """
+
+    default_lr = 1e-2
 
     peft_type = "IA3"
 
@@ -133,6 +136,7 @@ class IA3Linear(AdapterLayer):
 
     adapter_attrs = ("ia3_l",)
     mergeable = True
+    mixed_rows: MixedRows | None = None  # one adapter per batch row, set by core.mixed.mixed_batch
 
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__()
@@ -167,6 +171,8 @@ class IA3Linear(AdapterLayer):
         return scale_in, scale_out
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if self.mixed_rows is not None:
+            return self.mixed_forward(x, *args, **kwargs)
         adapters = self.use_adapters()  # first: a disabled layer unmerges before the base runs
         scale_in, scale_out = self._scales(adapters)
         if scale_in is not None:
@@ -175,6 +181,26 @@ class IA3Linear(AdapterLayer):
         if scale_out is not None:
             result = (result * scale_out).to(result.dtype)  # (..., out)
         return result
+
+    def mixed_forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        """Each row scaled by its own adapter's vector (``mixed_rows``); the base runs once on the whole batch."""
+        groups = list(self.mixed_rows.groups(x, self.ia3_l))
+        scale_in = [(n, rows) for n, rows in groups if self.is_feedforward[n]]
+        scale_out = [(n, rows) for n, rows in groups if not self.is_feedforward[n]]
+        if scale_in:
+            x = (x * self._row_scales(x, scale_in, self.in_features)).to(x.dtype)  # (B, ..., in)
+        result = self.base_layer(x, *args, **kwargs)
+        if scale_out:
+            result = (result * self._row_scales(result, scale_out, self.out_features)).to(result.dtype)
+        return result
+
+    def _row_scales(self, t: torch.Tensor, groups: list[tuple[str, torch.Tensor]], width: int) -> torch.Tensor:
+        """(B, 1, ..., width) per-row scales for ``t``: each row's adapter's vector, ones for the other rows."""
+        first = self.ia3_l[groups[0][0]]
+        scales = torch.ones(t.shape[0], width, dtype=first.dtype, device=first.device)  # (B, width)
+        for name, rows in groups:
+            scales = scales.index_copy(0, rows, self.ia3_l[name].flatten().expand(len(rows), width))
+        return scales.view(t.shape[0], *([1] * (t.dim() - 2)), width)
 
     # -- merging: multiply the scale into W (and b), divide it back out --------------------------------
     def _apply_delta(self, adapter: str, sign: float) -> None:

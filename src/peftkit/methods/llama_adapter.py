@@ -48,6 +48,8 @@ class LlamaAdapterConfig(MethodConfig):
         target_modules: the attention modules' name (``"self_attn"``, ``"attn"``); None: the family's.
     """
 
+    default_lr = 1e-2
+
     peft_type = "ADAPTION_PROMPT"
 
     adapter_len: int = 10

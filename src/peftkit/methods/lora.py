@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from peftkit.core.adapter import AdapterLayer
 from peftkit.core.config import ConfigError, TargetedConfig, check
 from peftkit.core.inject import wrap_modules
+from peftkit.core.mixed import MixedRows
 from peftkit.core.registry import register
 from peftkit.core.targeting import compact_targets, find_targets, is_linear_like
 
@@ -155,6 +156,7 @@ class LoraLayer(AdapterLayer):
     """LoRA around a linear-like or embedding layer; one entry per adapter name in each dict."""
 
     mergeable = True
+    mixed_rows: MixedRows | None = None  # one adapter per batch row, set by core.mixed.mixed_batch
 
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__()
@@ -200,12 +202,24 @@ class LoraLinear(LoraLayer):
         return delta.T if self.fan_in_fan_out else delta
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if self.mixed_rows is not None:
+            return self.mixed_forward(x, *args, **kwargs)
         adapters = self.use_adapters()  # first: a disabled layer unmerges before the base runs
         result = self.base_layer(x, *args, **kwargs)
         for name in adapters:
             A, B = self.lora_A[name], self.lora_B[name]
             h = self.lora_dropout[name](x.to(A.weight.dtype) if not torch.is_autocast_enabled(x.device.type) else x)
             result = result + (B(A(h)) * self.scaling[name]).to(result.dtype)  # (..., out)
+        return result
+
+    def mixed_forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        """The base on the whole batch, each adapter's B·A only on its own rows (``mixed_rows``)."""
+        result = self.base_layer(x, *args, **kwargs)  # (B, ..., out)
+        for name, rows in self.mixed_rows.groups(x, self.lora_A):
+            A, B = self.lora_A[name], self.lora_B[name]
+            sub = x[rows]  # (n, ..., in)
+            h = self.lora_dropout[name](sub.to(A.weight.dtype) if not torch.is_autocast_enabled(x.device.type) else sub)
+            result = result.index_add(0, rows, (B(A(h)) * self.scaling[name]).to(result.dtype))
         return result
 
 
@@ -236,6 +250,8 @@ class LoraEmbedding(LoraLayer):
         return (B @ A).T * self.scaling[adapter]  # (num, dim)
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if self.mixed_rows is not None:
+            return self.mixed_forward(x, *args, **kwargs)
         adapters = self.use_adapters()  # first: a disabled layer unmerges before the base runs
         result = self.base_layer(x, *args, **kwargs)
         base = self.base_layer
@@ -244,6 +260,17 @@ class LoraEmbedding(LoraLayer):
             after_a = F.embedding(x, A.T, base.padding_idx, base.max_norm, base.norm_type,
                                   base.scale_grad_by_freq, base.sparse)  # (..., r)
             result = result + ((after_a @ B.T) * self.scaling[name]).to(result.dtype)
+        return result
+
+    def mixed_forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        """The base lookup for the whole batch, each adapter's B·A only on its own rows (``mixed_rows``)."""
+        result = self.base_layer(x, *args, **kwargs)  # (B, ..., dim)
+        base = self.base_layer
+        for name, rows in self.mixed_rows.groups(x, self.lora_embedding_A):
+            A, B = self.lora_embedding_A[name], self.lora_embedding_B[name]
+            after_a = F.embedding(x[rows], A.T, base.padding_idx, base.max_norm, base.norm_type,
+                                  base.scale_grad_by_freq, base.sparse)  # (n, ..., r)
+            result = result.index_add(0, rows, ((after_a @ B.T) * self.scaling[name]).to(result.dtype))
         return result
 
 

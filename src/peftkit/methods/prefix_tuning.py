@@ -12,6 +12,12 @@ kv_dim -> h -> tanh -> layers·2·kv_dim. The prefixes are passed to the frozen 
 transformers ``Cache``, so decoder-only models (Llama, GPT-2) and T5's decoder need no code of their own;
 positions of the real tokens start after the prefix, as in PEFT. Files are PEFT's PREFIX_TUNING files (the
 table as ``prompt_embeddings``; projected adapters store the MLP's output, as PEFT does).
+
+Encoder-decoders (T5) follow PEFT's ``num_transformer_submodules=2`` layout, so files work both ways: only the
+decoder's self-attention gets a prefix (the encoder and cross-attention are untouched), and decoder layer l reads
+the row slots 4l mod 2L (key) and 4l mod 2L + 1 (value) of the same (N, L·2·kv_dim) table. With an even number
+of layers L that makes layers l and l + L/2 share one prefix and leaves half the table unused (zero gradient),
+exactly as in PEFT (see ``Geometry.prefix_slot``).
 """
 
 from __future__ import annotations
@@ -38,8 +44,13 @@ class PrefixTuningConfig(SoftPromptConfig):
             it reached 0.78 test accuracy where random init reached 0.55, see docs/compare) or "random" (PEFT's default).
     """
 
+    default_lr = 1e-2
+
     peft_type = "PREFIX_TUNING"
     kind: ClassVar[str] = PREFIX
+    #: ``num_transformer_submodules`` of the PEFT file this config was read from (None: not read from a file).
+    #: Not a field: the layout is fixed by the model kind, so it is only checked against the model on attach.
+    _file_submodules: ClassVar[int | None] = None
 
     projection: bool = False
     encoder_hidden_size: int | None = None
@@ -53,6 +64,12 @@ class PrefixTuningConfig(SoftPromptConfig):
 
     def make_encoder(self, model: nn.Module, embedding: nn.Module) -> nn.Module:
         geo = Geometry.of(model)
+        subs = self._file_submodules
+        if subs is not None and subs != geo.prefix_submodules:
+            # T5 with 1: PEFT hands T5 a plain cache, whose cross-attention then writes into the self-attention
+            # cache; a decoder-only model with 2: an encoder-decoder cache. Neither is a prefix to reproduce.
+            raise ConfigError(f"adapter_config.json: num_transformer_submodules={subs} does not fit "
+                              f"{type(model).__name__}; PEFT's prefix layout for it is {geo.prefix_submodules}")
         if self.projection:
             encoder: nn.Module = PrefixEncoder(self.num_virtual_tokens, self.encoder_hidden_size or geo.kv_dim, geo)
             last = encoder.transform[-1]
@@ -81,12 +98,14 @@ class PrefixTuningConfig(SoftPromptConfig):
 
     @classmethod
     def from_peft(cls, d: dict[str, Any]) -> PrefixTuningConfig:
-        if d.get("num_transformer_submodules") == 2:
-            # PEFT's encoder-decoder prefixes give several decoder layers the same prefix rows; not reproduced
-            raise ConfigError("PEFT prefix-tuning adapters for encoder-decoder models are not supported")
-        return cls(**cls.common_from_peft(d), projection=bool(d.get("prefix_projection")),
-                   encoder_hidden_size=d.get("encoder_hidden_size"),
-                   init="zero" if d.get("init_weights") == "zero" else "random")
+        subs = d.get("num_transformer_submodules")
+        if subs is not None and subs not in (1, 2):
+            raise ConfigError(f"adapter_config.json: num_transformer_submodules must be 1 or 2, got {subs!r}")
+        config = cls(**cls.common_from_peft(d), projection=bool(d.get("prefix_projection")),
+                     encoder_hidden_size=d.get("encoder_hidden_size"),
+                     init="zero" if d.get("init_weights") == "zero" else "random")
+        config._file_submodules = subs
+        return config
 
 
 class PrefixEncoder(PromptSource):

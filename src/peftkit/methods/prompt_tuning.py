@@ -28,8 +28,8 @@ Init = Literal["random", "vocab", "text"]
 
 
 @dataclass
-class PromptTuningConfig(SoftPromptConfig):
-    """Prompt tuning settings.
+class TokenInit:
+    """Where the N starting vectors of an embedding-kind soft prompt come from (shared by P-tuning).
 
     Attributes:
         init: "random", "vocab" (embeddings of random vocabulary tokens) or "text" (embeddings of ``init_text``).
@@ -37,36 +37,50 @@ class PromptTuningConfig(SoftPromptConfig):
         tokenizer: tokenizer folder for ``init_text``; default: the model's own folder.
     """
 
-    peft_type = "PROMPT_TUNING"
-
     init: Init = "random"
     init_text: str | None = None
     tokenizer: str | None = None
 
-    def validate(self) -> None:
-        super().validate()
+    def validate_init(self) -> None:
         check(self.init in ("random", "vocab", "text"), f"method.init must be random, vocab or text, got {self.init!r}")
         check(self.init != "text" or bool(self.init_text), "method.init_text must be set when method.init is 'text'")
 
-    def make_encoder(self, model: nn.Module, embedding: nn.Module) -> nn.Module:
+    @torch.no_grad()
+    def init_rows(self, model: nn.Module, embedding: nn.Module, out: torch.Tensor) -> None:
+        """Fill ``out`` (N, d) in place with the starting vectors."""
         vocab = embedding.weight.detach()  # (V, d)
-        table = PromptTable(self.num_virtual_tokens, vocab.shape[1], EMBEDDINGS, Geometry.of(model))
-        with torch.no_grad():
-            if self.init == "random":
-                table.embedding.weight.normal_(0.0, float(vocab.float().std()))
-            else:
-                ids = self._init_ids(model, vocab.shape[0]).to(vocab.device)
-                table.embedding.weight.copy_(vocab[ids].float())
-        return table
+        if self.init == "random":
+            out.normal_(0.0, float(vocab.float().std()))
+        else:
+            ids = self._init_ids(model, vocab.shape[0]).to(vocab.device)
+            out.copy_(vocab[ids].float())
 
     def _init_ids(self, model: nn.Module, vocab_size: int) -> torch.Tensor:
-        n = self.num_virtual_tokens
+        n = self.num_virtual_tokens  # type: ignore[attr-defined]
         if self.init == "vocab":
             return torch.randint(0, vocab_size, (n,))
         ids = _tokenize(self.init_text or "", self.tokenizer or _model_path(model))
         if not ids:
             raise ConfigError(f"method.init_text {self.init_text!r} gives no tokens")
         return torch.tensor((ids * math.ceil(n / len(ids)))[:n])  # repeated or cut to N, as PEFT does
+
+
+@dataclass
+class PromptTuningConfig(TokenInit, SoftPromptConfig):
+    """Prompt tuning settings (``init``, ``init_text``, ``tokenizer``: see :class:`TokenInit`)."""
+
+    default_lr = 3e-2
+
+    peft_type = "PROMPT_TUNING"
+
+    def validate(self) -> None:
+        super().validate()
+        self.validate_init()
+
+    def make_encoder(self, model: nn.Module, embedding: nn.Module) -> nn.Module:
+        table = PromptTable(self.num_virtual_tokens, embedding.weight.shape[1], EMBEDDINGS, Geometry.of(model))
+        self.init_rows(model, embedding, table.embedding.weight)
+        return table
 
     # -- Hugging Face PEFT adapter_config.json ---------------------------------------------
     def peft_fields(self) -> dict[str, Any]:

@@ -12,6 +12,12 @@ stay fp32 and are the only trainable tensors::
 ``bits: 8`` stores the base as int8 with one fp32 scale per output row (LLM.int8() without outliers)
 instead. The quantization kernels are bitsandbytes' (CPU path; measured on an AVX2-only CPU).
 
+What is not a linear layer stays in full precision: the input embedding and the output head are a large
+share of a small model (on a 1.1B Llama with a 32k vocabulary, 131M of 1100M parameters, yet 0.52 of the
+0.93 GB of a QLoRA base in fp32). ``base_dtype: bf16`` stores them in bf16 (computed in fp32: the embedding's
+output and the head's weight are cast up when used, never kept) and ``quantize_head: true`` quantizes the
+head like the other linear layers (bench/memory.py measures both).
+
 The adapter file is a plain LoRA file (PEFT's ``peft_type: LORA``): it loads onto the fp32 base with
 ``load_adapter`` or PEFT, or onto a quantized base with :func:`load_qlora_adapter`. Merging dequantizes
 the weight to fp32, adds s·B·A and keeps the fp32 weight (re-quantizing would add a second rounding
@@ -20,8 +26,11 @@ error); the merged output equals the unmerged quantized output up to fp32 roundi
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import os
+import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -45,17 +54,25 @@ class QLoraConfig(LoraConfig):
         bits: 4 (NF4/FP4, block-wise) or 8 (int8, per output row).
         quant_type: 4-bit data type, ``nf4`` (the paper's) or ``fp4``.
         double_quant: quantize the 4-bit block scales too (saves ~0.37 bits per weight).
+        base_dtype: storage of the frozen weights that are not quantized (input embedding, output head):
+            ``fp32``, or ``bf16`` (half the bytes; still computed in fp32). Norms and biases stay fp32.
+        quantize_head: quantize the output head too (the paper and most tools keep it in full precision:
+            its error reaches the logits directly). A tied head gets its own quantized copy.
         target_modules: LoRA targets; default ``all-linear`` (the paper adapts every linear layer).
     """
 
     bits: int = 4
     quant_type: Literal["nf4", "fp4"] = "nf4"
     double_quant: bool = True
+    base_dtype: Literal["fp32", "bf16"] = "fp32"
+    quantize_head: bool = False
 
     def validate(self) -> None:
         super().validate()
         check(self.bits in (4, 8), f"method.bits must be 4 or 8, got {self.bits!r}")
         check(self.quant_type in ("nf4", "fp4"), f"method.quant_type must be nf4 or fp4, got {self.quant_type!r}")
+        check(self.base_dtype in ("fp32", "bf16"), f"method.base_dtype must be fp32 or bf16, got {self.base_dtype!r}")
+        check(isinstance(self.quantize_head, bool), f"method.quantize_head must be true or false, got {self.quantize_head!r}")
 
     @classmethod
     def matches_peft(cls, d: dict[str, Any]) -> bool:
@@ -142,27 +159,137 @@ def quantized_bytes(numel: int, bits: int, double_quant: bool = True, rows: int 
     return -(-numel // 2) + scales
 
 
-def quantize_base(model: nn.Module, config: QLoraConfig) -> list[str]:
-    """Replace every linear layer except the output head by its quantized copy; returns their names.
+def quantize_base(model: nn.Module, config: QLoraConfig,
+                  materialize: Callable[[str, nn.Linear], None] | None = None) -> list[str]:
+    """Replace every linear layer except the output head (unless ``quantize_head``) by its quantized copy;
+    store the other large frozen weights in ``base_dtype``. Returns the quantized layers' names.
 
-    On the meta device (``peftkit memory``) nothing can be quantized: the layers stay, and each weight is
-    marked with the bytes it would take (``peftkit_stored_bytes``).
+    Layers are quantized one at a time, and the fp32 pages of a weight read from a memory-mapped
+    checkpoint are handed back to the OS as soon as its quantized copy exists (:func:`_release_file_pages`):
+    the whole fp32 checkpoint is never resident at once.
+
+    Args:
+        model: the model (CPU, or the meta device).
+        config: the QLoRA settings.
+        materialize: for a model built on the meta device: called as ``materialize(name, layer)`` with the
+            layer moved to empty CPU memory, to fill its fp32 weight just before it is quantized (a large
+            model is then built layer by layer and its fp32 copy never exists). Without it, meta weights stay
+            meta and are only marked with the bytes they would take (``peftkit_stored_bytes``, for
+            ``peftkit memory``).
+
+    Raises:
+        ConfigError: a GPT-2 ``Conv1D`` layer (bitsandbytes quantizes ``nn.Linear``).
     """
     names = find_targets(model, "all-linear", config.exclude, accept=lambda m: isinstance(m, nn.Linear) or
                          type(m).__name__ == "Conv1D")
+    head = _head_name(model) if config.quantize_head else None
+    if head is not None and head not in names:
+        names.append(head)
     for name in names:
         module = model.get_submodule(name)
         if type(module).__name__ == "Conv1D":
             raise ConfigError(f"QLoRA quantizes nn.Linear layers; {name!r} is a GPT-2 Conv1D (use lora for this model)")
         if is_quantized(module):
             continue
+        shared = name == head and _tied_to_input(model, module)
+        if name == head:
+            module = _own_linear(module)  # a tied head gets a weight of its own: the embedding stays as it is
+        if module.weight.is_meta and materialize is not None:
+            module = module.to_empty(device="cpu")
+            materialize(name, module)
         if module.weight.is_meta:
             module.weight.peftkit_stored_bytes = quantized_bytes(module.weight.numel(), config.bits,
                                                                  config.double_quant, module.out_features)
             continue
+        weight = module.weight
         replace_module(model, name, quantize_linear(module, config.bits, config.quant_type, config.double_quant))
+        del module
+        if not shared:  # the embedding still reads a tied head's pages
+            _release_file_pages(weight)
+    if config.base_dtype == "bf16":
+        _store_in_bf16(model)
     _own_storage(model)
+    _trim_heap()
     return names
+
+
+def _head_name(model: nn.Module) -> str | None:
+    """The output head's name if it is a plain ``nn.Linear`` (else None: nothing to quantize)."""
+    get_out = getattr(model, "get_output_embeddings", None)
+    head = get_out() if callable(get_out) else None
+    if head is None or type(head) is not nn.Linear:
+        return None
+    return next((n for n, m in model.named_modules() if m is head), None)
+
+
+def _tied_to_input(model: nn.Module, head: nn.Linear) -> bool:
+    get_in = getattr(model, "get_input_embeddings", None)
+    emb = get_in() if callable(get_in) else None
+    return emb is not None and getattr(emb, "weight", None) is head.weight
+
+
+def _own_linear(linear: nn.Linear) -> nn.Linear:
+    """``linear`` with a weight Parameter of its own (the same data), so that replacing it does not touch
+    a module it is tied to."""
+    linear.weight = nn.Parameter(linear.weight.data, requires_grad=False)
+    return linear
+
+
+class _UpcastLinear(torch.autograd.Function):
+    """y = x·W^T with a frozen low-precision W cast to x's dtype in forward and again in backward: the
+    full-precision copy exists only during each matmul (``F.linear(x, W.float())`` would keep it for
+    backward)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(weight)
+        return x @ weight.to(x.dtype).T  # (..., in) @ (in, out) -> (..., out)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        (weight,) = ctx.saved_tensors
+        return grad @ weight.to(grad.dtype), None  # (..., out) @ (out, in) -> (..., in)
+
+
+class LowPrecisionLinear(nn.Linear):
+    """A frozen ``nn.Linear`` whose weight is stored in bf16 and computed in the input's dtype (QLoRA's
+    ``base_dtype: bf16`` output head). Same state dict as ``nn.Linear``; a tied weight stays tied."""
+
+    def __init__(self, linear: nn.Linear) -> None:
+        nn.Module.__init__(self)
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.weight, self.bias = linear.weight, linear.bias  # the same Parameters (ties kept)
+        self.train(linear.training)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = _UpcastLinear.apply(x, self.weight)
+        return out if self.bias is None else out + self.bias.to(out.dtype)
+
+
+def _embedding_output_fp32(module: nn.Module, args: Any, output: torch.Tensor) -> torch.Tensor:
+    return output.to(torch.float32)
+
+
+def _store_in_bf16(model: nn.Module) -> None:
+    """Store the input embedding and an unquantized output head in bf16, computed in fp32."""
+    get_in, get_out = getattr(model, "get_input_embeddings", None), getattr(model, "get_output_embeddings", None)
+    emb = get_in() if callable(get_in) else None
+    head = get_out() if callable(get_out) else None
+    with torch.no_grad():
+        if isinstance(emb, nn.Embedding) and emb.weight.dtype == torch.float32:
+            old = emb.weight.data
+            emb.weight.data = old.to(torch.bfloat16)  # a tied head shares the Parameter: converted with it
+            _release_file_pages(old)
+            del old
+            emb.register_forward_hook(_embedding_output_fp32)
+        if type(head) is nn.Linear:  # the whole base is frozen under QLoRA
+            if head.weight.dtype == torch.float32:
+                old = head.weight.data
+                head.weight.data = old.to(torch.bfloat16)
+                _release_file_pages(old)
+                del old
+            name = next(n for n, m in model.named_modules() if m is head)
+            replace_module(model, name, LowPrecisionLinear(head))
 
 
 def _own_storage(model: nn.Module) -> None:
@@ -177,8 +304,72 @@ def _own_storage(model: nn.Module) -> None:
             if is_quantized(module):
                 continue
             for key, p in list(module._parameters.items()) + list(module._buffers.items()):
-                if p is not None and p.device.type == "cpu" and not p.is_meta:
-                    p.data = p.data.clone()
+                if p is not None and p.device.type == "cpu" and not p.is_meta and _file_backed(p):
+                    old = p.data
+                    p.data = old.clone()
+                    _release_file_pages(old)
+                    del old
+
+
+def _trim_heap() -> None:
+    """Hand the freed quantization temporaries back to the OS (glibc's ``malloc_trim``; a no-op elsewhere).
+
+    bitsandbytes' CPU quantization of one layer allocates ~5x the layer's fp32 size in temporaries; glibc
+    keeps most of it once freed (measured on smollm2-135m: 869 MB resident after quantizing, 671 MB after
+    the trim), and that would sit under the whole training run.
+    """
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc (musl has no malloc_trim)
+        pass
+
+
+# -- memory-mapped checkpoints ------------------------------------------------------------------------------
+_MADV_DONTNEED = 4
+_PAGE = 4096
+
+
+def _file_mappings() -> list[tuple[int, int]]:
+    """Address ranges of this process that map a file (Linux; empty elsewhere)."""
+    ranges = []
+    try:
+        with open("/proc/self/maps") as f:
+            for line in f:
+                parts = line.split(maxsplit=5)
+                if len(parts) == 6 and parts[5].strip().startswith("/") and parts[4] != "0":
+                    lo, hi = (int(x, 16) for x in parts[0].split("-"))
+                    ranges.append((lo, hi))
+    except OSError:
+        return []
+    return ranges
+
+
+def _file_backed(t: torch.Tensor) -> bool:
+    if not sys.platform.startswith("linux") or t.device.type != "cpu" or t.numel() == 0:
+        return False
+    ptr = t.untyped_storage().data_ptr()
+    return any(lo <= ptr < hi for lo, hi in _file_mappings())
+
+
+def _release_file_pages(t: torch.Tensor) -> None:
+    """Drop from this process's memory the pages of ``t`` that are mapped from a file (a safetensors
+    checkpoint), once a quantized copy has replaced it.
+
+    ``madvise(MADV_DONTNEED)`` on a file mapping only unmaps the pages: read again, they come back from
+    the file. Only pages lying wholly inside ``t`` are touched, and only when ``t`` is file-backed
+    (anonymous memory would be zeroed). Without this, the pages of every layer read while quantizing stay
+    resident until the last tensor viewing the file is freed: the whole fp32 checkpoint, at the peak.
+    """
+    if t.is_meta or not _file_backed(t):
+        return
+    start = -(-t.data_ptr() // _PAGE) * _PAGE
+    end = (t.data_ptr() + t.numel() * t.element_size()) // _PAGE * _PAGE
+    if end > start:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+        libc.madvise(start, end - start, _MADV_DONTNEED)
 
 
 @register("qlora", QLoraConfig, "QLoRA: LoRA (fp32) over a 4-bit NF4 (or 8-bit) quantized frozen base (mergeable to fp32)")
@@ -216,5 +407,5 @@ def load_qlora_adapter(model: nn.Module, path: str | os.PathLike, bits: int = 4,
     return model
 
 
-__all__ = ["QLoraConfig", "QLoraLinear", "dequantize_linear", "dequantize_weight", "load_qlora_adapter",
+__all__ = ["LowPrecisionLinear", "QLoraConfig", "QLoraLinear", "dequantize_linear", "dequantize_weight", "load_qlora_adapter",
            "quantize_base", "quantize_linear", "quantized_bytes"]

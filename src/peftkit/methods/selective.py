@@ -34,9 +34,16 @@ _MLP = ("mlp", "ffn", "feed_forward", "intermediate", "DenseReluDense")
 
 @dataclass
 class InPlaceConfig(MethodConfig):
-    """Base of the methods that train base parameters in place (no adapter modules)."""
+    """Base of the methods that train base parameters in place (no adapter modules).
+
+    Attributes:
+        modules_to_save: base modules trained and saved besides the selection (PEFT's name), e.g. the
+            classification head of a ``task: seq_cls`` run, which adds it itself.
+    """
 
     in_place: ClassVar[bool] = True
+
+    modules_to_save: list[str] | None = None
 
     def trainable_base_parameters(self, model: nn.Module) -> Iterator[tuple[str, nn.Parameter]]:
         raise NotImplementedError  # pragma: no cover - each subclass selects
@@ -71,6 +78,8 @@ class SelectiveConfig(InPlaceConfig):
         layers: transformer-block indices; negative ones count from the top (-1 is the last block).
         kinds: any of norm, embedding, attention, mlp, head, bias.
     """
+
+    default_lr = 1e-4
 
     peft_type: ClassVar[str] = "PEFTKIT_SELECTIVE"
 

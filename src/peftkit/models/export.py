@@ -21,8 +21,12 @@ def save_model_folder(model: torch.nn.Module, tokenizer: object, out: str | Path
     return Path(out)
 
 
-def merge_to_folder(model_name: str, adapter: str, out: str | Path, dtype: str = "fp32", overwrite: bool = False) -> Path:
-    """Load ``model_name`` + ``adapter``, fold the adapter into the weights and save the result atomically."""
+def merge_to_folder(model_name: str, adapter: str, out: str | Path, dtype: str = "fp32", overwrite: bool = False,
+                    strict_base: bool = False) -> Path:
+    """Load ``model_name`` + ``adapter``, fold the adapter into the weights and save the result atomically.
+
+    ``strict_base``: refuse an adapter recorded as trained on other base weights (default: warn).
+    """
     from peftkit.eval.tasks import load_model_with_adapter
 
     if dtype not in DTYPES:
@@ -30,5 +34,5 @@ def merge_to_folder(model_name: str, adapter: str, out: str | Path, dtype: str =
     out = Path(out)
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise ConfigError(f"{out} exists and is not empty; choose another folder or pass --overwrite")
-    model, tok = load_model_with_adapter(model_name, adapter)
+    model, tok = load_model_with_adapter(model_name, adapter, strict_base)
     return save_model_folder(unload(model, merge=True).to(DTYPES[dtype]), tok, out)

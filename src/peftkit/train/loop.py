@@ -18,6 +18,7 @@ import threading
 import time
 import warnings
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,16 +26,20 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from peftkit.core.config import MethodConfig
 from peftkit.core.files import atomic_dir, atomic_write_text
-from peftkit.data.collate import Example, batch_order, pack_batch, pad_batch
+from peftkit.data.collate import Example, batch_order, pack_batch, pad_batch, split_padded
 from peftkit.data.tokenize import IGNORE
 from peftkit.errors import PeftkitError
 from peftkit.train.checkpoint import (
     CheckpointError, TrainState, checkpoint_dir, list_checkpoints, load_checkpoint, remove_stale, save_checkpoint,
     write_error_message,
 )
+from peftkit.train.compile import compile_blocks
 from peftkit.train.config import TrainConfig
-from peftkit.train.distributed import SINGLE, Dist, full_trainable_params, local_value, no_sync, shard, wrap
+from peftkit.train.lm_head import head_positions, labelled_positions
+from peftkit.train.shared_prefix import can_share, checked, shared_prefix_len, shared_prefix_logits
+from peftkit.train.distributed import SINGLE, Dist, full_trainable_params, is_sharded, local_value, no_sync, shard, wrap
 from peftkit.train.tracking import Tracker, peak_memory_mb
 
 MAX_CONSECUTIVE_SKIPS = 10  # train.on_nan=skip gives up after this many bad steps in a row
@@ -55,7 +60,15 @@ class TrainingInterrupted(KeyboardInterrupt):
         self.exit_code = exit_code
 
 
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """``auto`` -> ``bf16`` where the device computes bf16 natively, else ``fp32``; others unchanged."""
+    if precision == "auto":
+        return "bf16" if native_bf16(device) else "fp32"
+    return precision
+
+
 def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
+    precision = resolve_precision(precision, device)
     if precision == "bf16":
         if not native_bf16(device):
             warnings.warn("precision=bf16 on a CPU without native bf16 (no AVX512-BF16/AMX): matmuls are emulated and "
@@ -69,6 +82,9 @@ def native_bf16(device: torch.device) -> bool:
     """Does this device compute bf16 matmuls in hardware?"""
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported()
+    probe = getattr(torch.cpu, "_is_avx512_bf16_supported", None), getattr(torch.cpu, "_is_amx_tile_supported", None)
+    if device.type == "cpu" and all(callable(f) for f in probe):  # oneDNN's own check (any OS)
+        return any(f() for f in probe)
     try:
         flags = Path("/proc/cpuinfo").read_text().split()
     except OSError:
@@ -80,15 +96,87 @@ def model_device(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
-def lm_loss_sum(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
-    """Summed next-token cross-entropy over labelled positions, and how many there were."""
+def lm_loss_sum(model: nn.Module, batch: dict[str, torch.Tensor], labelled_only: bool = True,
+                share_prefix: bool = True) -> tuple[torch.Tensor, int]:
+    """Summed next-token cross-entropy over labelled positions, and how many there were.
+
+    Args:
+        labelled_only: run the LM head only at each row's labelled positions (see
+            :mod:`peftkit.train.lm_head`): the same loss, without the head's work and fp32 logits elsewhere.
+        share_prefix: run the leading tokens every row shares once for the batch (see
+            :mod:`peftkit.train.shared_prefix`): the same loss, checked once per model.
+    """
     labels = batch["labels"]
     inputs = {k: v for k, v in batch.items() if k != "labels"}
-    logits = model(**inputs, use_cache=False).logits  # (B, T, V)
     target = labels[:, 1:]  # (B, T-1): token t is predicted from position t-1
     n = int((target != IGNORE).sum())
-    loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), target.flatten(), ignore_index=IGNORE, reduction="sum")
-    return loss, n
+    prefix = shared_prefix_len(batch) if share_prefix and labelled_only else 0
+    if prefix and can_share(model):
+        # the first-use check runs on the two rows with the most labels: cheap, and still a shared prefix
+        rows = (target != IGNORE).sum(dim=1).topk(2).indices.sort().values
+        two, two_target = {k: v[rows] for k, v in inputs.items()}, target[rows]
+        n_two = int((two_target != IGNORE).sum())
+        if checked(model, lambda: (_plain_loss_sum(model, two, two_target, True), n_two),
+                   lambda: (_prefix_loss_sum(model, two, two_target, prefix), n_two)):
+            return _prefix_loss_sum(model, inputs, target, prefix), n
+    return _plain_loss_sum(model, inputs, target, labelled_only), n
+
+
+def _plain_loss_sum(model: nn.Module, inputs: dict[str, torch.Tensor], target: torch.Tensor,
+                    labelled_only: bool) -> torch.Tensor:
+    """One model call over the whole batch; the head only at labelled positions when it can follow that."""
+    seq = target.shape[1] + 1
+    if labelled_only:
+        index, picked = labelled_positions(target)  # (B, K) each
+        with head_positions(model, index, seq) as applied:
+            logits = model(**inputs, use_cache=False).logits  # (B, K, V) if applied, else (B, T, V)
+        if applied[0] and logits.shape[1] == index.shape[1]:
+            return _cross_entropy_sum(logits, picked)
+        if logits.shape[1] != seq:  # the model did something the selection cannot follow
+            return _plain_loss_sum(model, inputs, target, labelled_only=False)
+    else:
+        logits = model(**inputs, use_cache=False).logits  # (B, T, V)
+    # full logits: shift the labels rather than slicing the (big) logits, which would copy them
+    return _cross_entropy_sum(logits, F.pad(target, (0, 1), value=IGNORE))
+
+
+def _prefix_loss_sum(model: nn.Module, inputs: dict[str, torch.Tensor], target: torch.Tensor, prefix: int) -> torch.Tensor:
+    index, picked = labelled_positions(target)  # (B, K), labelled positions all >= prefix
+    logits, selected = shared_prefix_logits(model, inputs, prefix, index.clamp(min=prefix))  # fillers: any position
+    if selected:
+        return _cross_entropy_sum(logits, picked)  # (B, K, V) vs (B, K)
+    return _cross_entropy_sum(logits, F.pad(target, (0, 1), value=IGNORE)[:, prefix:])  # (B, T-P, V)
+
+
+def _cross_entropy_sum(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(logits.flatten(0, 1).float(), target.flatten(), ignore_index=IGNORE, reduction="sum")
+
+
+def lm_label_count(batch: dict[str, torch.Tensor]) -> int:
+    """How many positions :func:`lm_loss_sum` sums over (labels after the shift)."""
+    return int((batch["labels"][:, 1:] != IGNORE).sum())
+
+
+@dataclass(frozen=True)
+class Objective:
+    """What the loop minimises, chosen by the *task* (causal LM, classification, seq2seq), never by the method.
+
+    Attributes:
+        loss_sum: ``(model, batch) -> (summed loss, count)``; the loop divides by the count over the whole step.
+        count: how many items ``loss_sum`` sums over in a batch (known before the forward: for gradient accumulation).
+        collate: ``(examples, pad_id) -> batch`` of tensors.
+    """
+
+    loss_sum: Callable[[nn.Module, dict[str, torch.Tensor]], tuple[torch.Tensor, int]]
+    count: Callable[[dict[str, torch.Tensor]], int]
+    collate: Callable[[Sequence[Example], int], dict[str, torch.Tensor]] = pad_batch
+
+
+def _next_token_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
+    return lm_loss_sum(model, batch)  # looked up when called, so a patched lm_loss_sum is the one used
+
+
+LM_OBJECTIVE = Objective(_next_token_loss, lm_label_count)  # next-token prediction: every causal LM run
 
 
 def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
@@ -98,7 +186,39 @@ def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
     decay = [p for p in params if p.ndim >= 2]
     no_decay = [p for p in params if p.ndim < 2]  # biases and norms: no weight decay
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr)
+    lr = cfg.lr if cfg.lr is not None else MethodConfig.default_lr  # a RunConfig sets the method's own
+    groups = [g for g in groups if g["params"]]
+    if cfg.optimizer != "adamw":
+        bnb_optimizer = _bnb_optimizer(cfg.optimizer, params[0].device)
+        if bnb_optimizer is not None:
+            return bnb_optimizer(groups, lr=lr)
+    return torch.optim.AdamW(groups, lr=lr, fused=fused_adamw_ok(params))
+
+
+def fused_adamw_ok(params: Sequence[torch.Tensor]) -> bool:
+    """Whether torch's fused AdamW (one kernel over all tensors) can run: plain CPU/CUDA float tensors.
+
+    Fused does the for-loop update's arithmetic (same results to float rounding), several times faster
+    on a full model's parameters; it is also the Trainer's default. Sharded (FSDP) parameters keep the loop.
+    """
+    floats = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+    return all(p.device.type in ("cpu", "cuda") and p.dtype in floats and not is_sharded(p) for p in params)
+
+
+def _bnb_optimizer(name: str, device: torch.device) -> Callable[..., torch.optim.Optimizer] | None:
+    """bitsandbytes' 8-bit (paged) AdamW class on CUDA; elsewhere None, after a one-line note."""
+    if device.type == "cuda":
+        try:
+            import bitsandbytes as bnb
+
+            return bnb.optim.PagedAdamW8bit if name == "paged_adamw_8bit" else bnb.optim.AdamW8bit
+        except ImportError:
+            reason = "bitsandbytes is not installed"
+    else:
+        reason = f"they need CUDA with bitsandbytes (this run is on {device.type})"
+    warnings.warn(f"train.optimizer={name}: 8-bit/paged optimizer states skipped, {reason}; using torch AdamW",
+                  stacklevel=3)
+    return None
 
 
 def make_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig) -> torch.optim.lr_scheduler.LambdaLR:
@@ -119,8 +239,9 @@ def make_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig) -> torch.
 
 @torch.no_grad()
 def evaluate_loss(model: nn.Module, examples: Sequence[Example], batch_size: int, pad_id: int, precision: str = "fp32",
-                  dist: Dist = SINGLE) -> float:
-    """Mean per-token loss on ``examples`` (model put in eval mode, then restored).
+                  dist: Dist = SINGLE, objective: Objective = LM_OBJECTIVE) -> float:
+    """Mean per-token loss on ``examples`` (per example for classification: see ``objective``), model put in
+    eval mode, then restored.
 
     Distributed: each rank scores its slice of every global batch (``batch_size`` x ranks) and the sums
     are all-reduced, so every rank returns the same value and runs the same number of forwards.
@@ -133,9 +254,9 @@ def evaluate_loss(model: nn.Module, examples: Sequence[Example], batch_size: int
     step = batch_size * dist.world_size
     for s in range(0, len(order), step):
         mine, weight = local_slice(order[s:s + step], dist)
-        batch = {k: v.to(device) for k, v in pad_batch([examples[i] for i in mine], pad_id).items()}
+        batch = {k: v.to(device) for k, v in objective.collate([examples[i] for i in mine], pad_id).items()}
         with autocast(device, precision):
-            loss, n = lm_loss_sum(model, batch)
+            loss, n = objective.loss_sum(model, batch)
         total += float(loss) * weight
         count += n * weight
     total, count = dist.all_reduce_sum([total, count])
@@ -215,6 +336,13 @@ class Trainer:
             and the best-so-far copy.
         packing / group_by_length / max_length: batching options.
         dist: the process group (default: a plain single-process run). ``batch_size`` is per rank.
+        objective: the task's loss and batching (default: next-token prediction).
+        batch_order: ``epoch -> global batches`` of indices into ``train_data``, deterministic in the epoch
+            (resume replays it); default: shuffled, length-grouped epochs. Multi-task runs mix tasks here.
+        val_sets: named validation sets (one per task): each is logged as ``eval_loss/<name>`` and
+            ``eval_loss`` is their mean; ``val_data`` is then only checked for being non-empty.
+        split_padding: run a padded batch as sub-batches of similar-length rows when that computes fewer
+            padded tokens (:func:`peftkit.data.collate.split_padded`); the step's loss and gradients are the same.
     """
 
     def __init__(
@@ -231,6 +359,10 @@ class Trainer:
         max_length: int = 256,
         show_progress: bool | None = None,
         dist: Dist = SINGLE,
+        objective: Objective = LM_OBJECTIVE,
+        batch_order: Callable[[int], list[list[int]]] | None = None,
+        val_sets: dict[str, Sequence[Example]] | None = None,
+        split_padding: bool = True,
     ) -> None:
         if not train_data:
             raise TrainingError("the training set is empty")
@@ -239,6 +371,11 @@ class Trainer:
         self.packing, self.group_by_length, self.max_length = packing, group_by_length, max_length
         self.show_progress = show_progress
         self.dist = dist
+        self.objective = objective
+        self.split_padding = split_padding
+        self.batch_order, self.val_sets = batch_order, val_sets
+        if cfg.compile:
+            compile_blocks(model)
         self.net = wrap(model, dist)  # what forward/backward go through (DDP, FSDP or the model)
         self.device = dist.device if dist.active else model_device(model)
         self.lengths = [len(e["input_ids"]) for e in self.train_data]
@@ -253,6 +390,8 @@ class Trainer:
         """Global batches (``batch_size`` x ranks) of one epoch: the same order on every rank."""
         size = self.cfg.batch_size * self.dist.world_size
         budget = size * self.max_length if self.packing else None
+        if self.batch_order is not None:
+            return self.batch_order(epoch)
         return batch_order(self.lengths, size, self.cfg.seed, epoch, self.group_by_length, budget)
 
     def _next_batch(self) -> tuple[dict[str, torch.Tensor], float]:
@@ -265,7 +404,7 @@ class Trainer:
         mine, weight = local_slice(self._batches[s.batch_in_epoch], self.dist)
         s.batch_in_epoch += 1
         examples = [self.train_data[i] for i in mine]
-        batch = pack_batch(examples, self.pad_id) if self.packing else pad_batch(examples, self.pad_id)
+        batch = pack_batch(examples, self.pad_id) if self.packing else self.objective.collate(examples, self.pad_id)
         return {k: v.to(self.device) for k, v in batch.items()}, weight
 
     # -- loop --------------------------------------------------------------------------------
@@ -323,13 +462,15 @@ class Trainer:
         """One optimizer step (or a skipped bad batch); returns the signal number if asked to stop."""
         cfg, dist = self.cfg, self.dist
         micro = [self._next_batch() for _ in range(cfg.grad_accum)]
-        n_local = sum(int((b["labels"][:, 1:] != IGNORE).sum()) * w for b, w in micro)
+        if self.split_padding and not self.packing:  # long rows apart: less padding, the same sums
+            micro = [(sub, weight) for batch, weight in micro for sub in split_padded(batch)]
+        n_local = sum(self.objective.count(b) * w for b, w in micro)
         n_total = max(dist.all_reduce_sum([n_local])[0] if dist.active else n_local, 1)
         loss_local, tokens, seen = 0.0, 0.0, 0.0
         for i, (batch, weight) in enumerate(micro):
             with no_sync(self.net, last=i == len(micro) - 1):
                 with autocast(self.device, cfg.precision):
-                    loss_sum, _ = lm_loss_sum(self.net, batch)
+                    loss_sum, _ = self.objective.loss_sum(self.net, batch)
                 # mean over every labelled token of the step on all ranks; x ranks undoes DDP/FSDP's gradient average
                 loss = loss_sum * (weight * dist.world_size) / n_total
                 loss.backward()
@@ -404,8 +545,16 @@ class Trainer:
                                   f"saved to {path}; continue with --resume", 128 + signum)
 
     def _evaluate(self) -> None:
-        loss = evaluate_loss(self.model, self.val_data, self.cfg.batch_size, self.pad_id, self.cfg.precision, self.dist)
-        self.tracker.log(self.state.step, {"eval_loss": loss})
+        if self.val_sets:  # one loss per task; their mean ranks checkpoints (each task counts the same)
+            per_task = {f"eval_loss/{name}": evaluate_loss(self.model, data, self.cfg.batch_size, self.pad_id,
+                                                           self.cfg.precision, self.dist, self.objective)
+                        for name, data in self.val_sets.items() if data}
+            loss = sum(per_task.values()) / len(per_task)
+            self.tracker.log(self.state.step, {"eval_loss": loss, **per_task})
+        else:
+            loss = evaluate_loss(self.model, self.val_data, self.cfg.batch_size, self.pad_id, self.cfg.precision,
+                                 self.dist, self.objective)
+            self.tracker.log(self.state.step, {"eval_loss": loss})
         s = self.state
         if s.best_eval_loss is None or loss < s.best_eval_loss:
             s.best_eval_loss, s.best_step = loss, s.step

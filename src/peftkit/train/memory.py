@@ -5,8 +5,8 @@ parameter's count, dtype and ``requires_grad`` are exact; only activations are e
 
     total = runtime + weights + gradients + optimizer + activations
     weights     = sum(numel x element size)          over all (unique) parameters and buffers
-    gradients   = sum(numel x 4)                     over trainable parameters (fp32 master weights)
-    optimizer   = sum(2 x numel x 4)                 AdamW keeps exp_avg and exp_avg_sq in fp32
+    gradients   = sum(numel x element size)          over trainable parameters (fp32 adapters over any base)
+    optimizer   = sum(2 x numel x element size)      AdamW's exp_avg and exp_avg_sq, in the parameter's dtype
     activations = layers_with_backward x B x T x per_token_layer + logits (+ one layer in flight)
 
 ``per_token_layer`` counts the tensors a decoder layer saves for backward (fp32; bf16 autocast halves the
@@ -15,8 +15,11 @@ weights (heads x T) that the CPU math attention kernel keeps when there is a pad
 the first trainable parameter keep nothing for backward when nothing below them trains (LoRA on the
 upper layers, linear probe); anything trained at the input side (soft prompts, embeddings, prefixes,
 a method in layer 0) needs every layer. Gradient checkpointing keeps only each layer's input plus one
-layer recomputed during backward. The logits add (B, T, V) three times: the logits, the shifted fp32
-copy passed to cross-entropy and its log-softmax (in backward: the log-softmax and two gradients).
+layer recomputed during backward. The logits add (B, K, V) three times: the logits, the fp32 copy
+passed to cross-entropy and its log-softmax (in backward: the log-softmax and two gradients), where K is
+the positions the head runs at: all T when the loss covers every token (``data.train_on_prompt``, plain
+text), else only the labelled ones (:mod:`peftkit.train.lm_head`), taken as T/4 since the prediction does
+not read the data (a rotten-tomatoes answer is ~3 tokens; a chat reply can fill most of the row).
 
 ``runtime`` is the resident size of the Python + torch + transformers + peftkit stack before any model
 is loaded (measured: :func:`measure_runtime_mb`).
@@ -41,6 +44,9 @@ MB = 2**20
 #: The tokenizer and the data fit in what that probe over-counts (a tiny-model run peaked at 556 MB
 #: with ~150 MB of logits).
 RUNTIME_MB = 420.0
+#: bitsandbytes' CPU quantization of one layer allocates ~5.4x the layer's fp32 size in temporaries (measured:
+#: +238 MB peak for a 2048 x 5632 layer, 44 MB in fp32); with the fp32 layer itself, ~6x.
+QUANTIZE_TRANSIENT = 6
 
 _LAYER_RE = re.compile(r"\.(?:layers|h|layer|block)\.(\d+)\.")
 _PROBE = "import torch, transformers, datasets, peftkit.train.run, peftkit.cli.commands; " \
@@ -57,8 +63,9 @@ class MemoryBreakdown:
         optimizer: AdamW's two fp32 states per trainable parameter.
         activations: tensors saved for backward, plus the logits and their gradient.
         runtime: the Python/torch/transformers process before the model is loaded.
-        loading: the peak while loading: runtime + the fp32 checkpoint, and for a quantized base
-            (QLoRA) also the quantized copy being made while the fp32 file pages are still resident.
+        loading: the peak while loading: runtime + the fp32 checkpoint; for a quantized base (QLoRA),
+            which is quantized layer by layer with each layer's file pages released once it is done,
+            runtime + the quantized weights + the largest layer's quantization temporaries.
         total: the larger of loading and runtime + weights + gradients + optimizer + activations.
         trainable_params / frozen_params: parameter counts.
         layers_with_backward: decoder layers whose activations are kept for backward.
@@ -96,25 +103,22 @@ def build_meta_model(cfg: RunConfig) -> nn.Module:
     A method whose initialisation reads weight values (prompt tuning initialised from text) cannot run
     on meta tensors; for those the model is built on the CPU with random weights, once.
     """
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig
 
-    from peftkit.core.inject import inject
     from peftkit.errors import PeftkitError
     from peftkit.models import resolve_model
 
     hf_config = AutoConfig.from_pretrained(resolve_model(cfg.model), local_files_only=True,
                                            trust_remote_code=cfg.trust_remote_code)
+    from peftkit.train.tasks import model_from_config
+
     try:
         with torch.device("meta"):
-            model = AutoModelForCausalLM.from_config(hf_config)
-            inject(model, cfg.method_config())
-        return model
+            return model_from_config(cfg, hf_config)  # the run's task class (a seq_cls head trains too)
     except PeftkitError:
         raise
     except (RuntimeError, NotImplementedError):  # e.g. Tensor.item() on a meta tensor
-        model = AutoModelForCausalLM.from_config(hf_config)
-        inject(model, cfg.method_config())
-        return model
+        return model_from_config(cfg, hf_config)
 
 
 def predict_memory(cfg: RunConfig, model: nn.Module | None = None) -> MemoryBreakdown:
@@ -144,17 +148,42 @@ def predict_memory(cfg: RunConfig, model: nn.Module | None = None) -> MemoryBrea
     parts = {
         "weights": weights / MB,
         "gradients": grad_bytes / MB,
-        "optimizer": 2 * 4 * trainable / MB,
+        "optimizer": _optimizer_bytes(model) / MB,
         "activations": act / MB,
         "runtime": RUNTIME_MB,
     }
     if cfg.train.precision == "bf16":  # autocast caches a bf16 copy of every trainable weight it casts
-        parts["activations"] += 2 * trainable / MB
+        parts["activations"] += 2 * _trainable_numel(model, torch.float32) / MB
     train = sum(parts.values())
-    quantized = weights < 0.9 * checkpoint
-    loading = RUNTIME_MB + (checkpoint + (weights if quantized else 0)) / MB
+    largest = _largest_quantized(model)
+    if largest:  # quantized one layer at a time as its pages are read (methods/qlora.py): never the whole fp32 file
+        loading = RUNTIME_MB + (weights + QUANTIZE_TRANSIENT * 4 * largest) / MB
+    else:
+        loading = RUNTIME_MB + checkpoint / MB
     return MemoryBreakdown(**parts, loading=loading, total=max(train, loading), trainable_params=trainable,
                            frozen_params=frozen, layers_with_backward=keep, tokens=tokens)
+
+
+def _unique_parameters(model: nn.Module) -> list[nn.Parameter]:
+    return list({id(p): p for p in model.parameters()}.values())
+
+
+def _optimizer_bytes(model: nn.Module) -> int:
+    """AdamW's exp_avg and exp_avg_sq: torch keeps them in each parameter's dtype (fp32 adapters: 8 bytes
+    per parameter; full fine-tuning of a bf16 model: 4)."""
+    return sum(2 * p.numel() * p.element_size() for p in _unique_parameters(model) if p.requires_grad)
+
+
+def _trainable_numel(model: nn.Module, dtype: torch.dtype) -> int:
+    return sum(p.numel() for p in _unique_parameters(model) if p.requires_grad and p.dtype == dtype)
+
+
+def _largest_quantized(model: nn.Module) -> int:
+    """Values of the largest weight stored quantized (bitsandbytes, or marked so on the meta device); 0 if none."""
+    sizes = [_logical_numel(p) for p in _unique_parameters(model)
+             if getattr(p, "peftkit_stored_bytes", None) is not None or getattr(p, "quant_state", None) is not None
+             or isinstance(getattr(p, "SCB", None), torch.Tensor)]
+    return max(sizes, default=0)
 
 
 def _parameter_bytes(model: nn.Module) -> tuple[int, int, int, int]:
@@ -218,6 +247,13 @@ def _is_final_norm(name: str) -> bool:
     return bool(re.fullmatch(r"(model\.|transformer\.)?(norm|ln_f|final_layer_norm)\.(weight|bias)", name))
 
 
+def _head_positions(cfg: RunConfig, t: int) -> int:
+    """Positions per row the LM head runs at: every one when every token is labelled, else a quarter (the
+    labelled response; see the module docstring)."""
+    every = cfg.data.train_on_prompt or cfg.data.format == "text"
+    return t if every else max(1, t // 4)
+
+
 def _activation_bytes(hf: Any, cfg: RunConfig, keep: int, t: int, kv_len: int) -> float:
     """Bytes saved for backward by the decoder layers, the logits and the loss, for one micro-batch."""
     b = cfg.train.batch_size
@@ -236,10 +272,9 @@ def _activation_bytes(hf: Any, cfg: RunConfig, keep: int, t: int, kv_len: int) -
         layers = keep * b * t * h * 4 + (layer if keep else 0)
     else:
         layers = max(keep, 1) * layer  # with nothing kept, one frozen layer is still in flight in forward
-    # (B, T, V) three times at the peak: in forward the logits, the shifted fp32 copy given to
-    # cross-entropy and its log-softmax (saved); in backward the log-softmax, its gradient and the
-    # gradient of the logits
-    logits = b * t * v * (elem + 4 + 4)
+    # (B, K, V) three times at the peak: in forward the logits, the fp32 copy given to cross-entropy and
+    # its log-softmax (saved); in backward the log-softmax, its gradient and the gradient of the logits
+    logits = b * _head_positions(cfg, t) * v * (elem + 4 + 4)
     return float(layers + logits)
 
 

@@ -26,8 +26,11 @@ from peftkit.train import distributed
 from peftkit.train.checkpoint import CheckpointError, list_checkpoints, write_error_message
 from peftkit.train.config import RunConfig, dump_config
 from peftkit.train.distributed import Dist, full_trainable_params
+from peftkit.train.final_eval import final_evaluation
 from peftkit.train.loop import Trainer
+from peftkit.train.multitask import build_tasks
 from peftkit.train.memory import predicted_peak_mb
+from peftkit.train.tasks import CausalLMTask, get_task
 from peftkit.train.tracking import peak_memory_mb, plot_loss, reset_peak_memory
 
 SUMMARY = "run_summary.json"
@@ -41,6 +44,7 @@ class Prepared:
     tokenizer: Any
     template: Template
     splits: Splits
+    task: CausalLMTask | None = None  # the run's task type (train/tasks.py): data, loss, end-of-run metrics
 
 
 def prepare(cfg: RunConfig, attach: bool = True) -> Prepared:
@@ -52,23 +56,25 @@ def prepare(cfg: RunConfig, attach: bool = True) -> Prepared:
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     method_cfg = cfg.method_config()
-    splits = load_splits(cfg.data.train, cfg.data.validation, cfg.data.test, cfg.data.format,
-                         cfg.data.validation_fraction, cfg.train.seed)
-    model, tokenizer = _load_model(cfg)
+    task = get_task(cfg.task)
+    splits = task.load_splits(cfg) if not cfg.data.tasks else Splits([])  # data.tasks: each task loads its own
+    torch.manual_seed(cfg.train.seed)  # a new classification head is initialised while loading
+    model, tokenizer = _load_model(cfg, **task.model_kwargs(splits))
+    task.after_load(model, splits)
     if attach:
         torch.manual_seed(cfg.train.seed)  # adapter init is part of the run's determinism
-        inject(model, method_cfg)
+        inject(model, task.method_config(model, method_cfg))  # seq_cls: + the head, as modules_to_save
     template = Template.create(tokenizer, cfg.data.template, splits.format)
-    return Prepared(model, tokenizer, template, splits)
+    return Prepared(model, tokenizer, template, splits, task)
 
 
-def _load_model(cfg: RunConfig) -> tuple[nn.Module, Any]:
+def _load_model(cfg: RunConfig, **kwargs: Any) -> tuple[nn.Module, Any]:
     """The model, with the many ways a folder can be wrong (missing files, code it wants run with
     trust_remote_code off, damaged weights) turned into one ConfigError line."""
     from peftkit.models import load_model
 
     try:
-        return load_model(cfg.model, trust_remote_code=cfg.trust_remote_code)
+        return load_model(cfg.model, trust_remote_code=cfg.trust_remote_code, **kwargs)
     except PeftkitError:
         raise
     except (OSError, ValueError, KeyError, TypeError, ImportError) as e:
@@ -133,6 +139,7 @@ def _train(cfg: RunConfig, resume: bool, show_progress: bool | None, log: Callab
     start = time.perf_counter()
     prep = prepare(cfg)
     model, tok, template, splits = prep.model, prep.tokenizer, prep.template, prep.splits
+    multi = build_tasks(cfg, tok, d.world_size) if cfg.data.tasks else None  # several tasks: train/multitask.py
     train_rows = splits.train
     if cfg.data.max_train_examples:
         import random
@@ -141,8 +148,10 @@ def _train(cfg: RunConfig, resume: bool, show_progress: bool | None, log: Callab
         random.Random(cfg.train.seed).shuffle(train_rows)
         train_rows = train_rows[: cfg.data.max_train_examples]
     val_rows = splits.validation[: cfg.data.max_validation_examples] if cfg.data.max_validation_examples else splits.validation
-    enc_train = encode_all(template, train_rows, cfg.data.max_length, cfg.data.train_on_prompt)
-    enc_val = encode_all(template, val_rows, cfg.data.max_length, cfg.data.train_on_prompt)
+    enc_train = prep.task.encode(template, tok, train_rows, cfg, splits)
+    enc_val = prep.task.encode(template, tok, val_rows, cfg, splits)
+    if multi is not None:
+        enc_train, enc_val = multi.train, multi.val
     if not enc_train.examples:
         raise ConfigError("no training example is left after tokenization (all responses truncated away?)")
     params = count_parameters(model)
@@ -157,6 +166,8 @@ def _train(cfg: RunConfig, resume: bool, show_progress: bool | None, log: Callab
             f"effective batch {effective} = {t.batch_size} per rank x {d.world_size} ranks x {t.grad_accum} accumulation")
     elif t.grad_accum > 1:
         log(f"effective batch {effective} = {t.batch_size} x {t.grad_accum} accumulation")
+    for line in multi.describe() if multi is not None else []:
+        log(line)
 
     def setup_dir() -> None:
         try:
@@ -180,13 +191,25 @@ def _train(cfg: RunConfig, resume: bool, show_progress: bool | None, log: Callab
             save_model_folder(model, tok, path)
         else:
             save_adapter(model, path)
+        prep.task.write_extras(path, splits)
 
     trainer = Trainer(model, enc_train.examples, enc_val.examples, cfg.train, pad_id, out, export,
-                      cfg.data.packing, cfg.data.group_by_length, cfg.data.max_length, show_progress, dist=d)
+                      cfg.data.packing, cfg.data.group_by_length, cfg.data.max_length, show_progress, dist=d,
+                      objective=prep.task.objective, **(multi.trainer_kwargs() if multi is not None else {}))
     resume_from = d.broadcast(str(list_checkpoints(out)[-1]) if resume and d.is_main else None)
     if resume_from is not None:
         log(f"resuming from {resume_from}")
     state = trainer.fit(Path(resume_from) if resume_from else None)
+    task_metrics = prep.task.final_metrics(model, tok, splits, cfg)  # seq_cls: test accuracy
+    if task_metrics:
+        log(", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in task_metrics.items()))
+    # the config's eval section (per-task test metrics, forgetting): rank 0, on the unsharded model
+    extra = {"tasks": multi.summary()} if multi is not None else {}
+    if d.mode != "fsdp":
+        load_base = lambda: _load_model(cfg, **prep.task.model_kwargs(splits))[0]  # noqa: E731
+        extra.update(d.run_on_main(lambda: final_evaluation(cfg, model, tok, out, log, load_base)) or {})
+    elif cfg.eval.task_metrics or cfg.eval.forgetting:
+        log("eval.task_metrics / eval.forgetting: skipped under FSDP (score the saved adapter with peftkit eval)")
 
     def finish() -> dict[str, Any]:
         try:
@@ -218,6 +241,9 @@ def _train(cfg: RunConfig, resume: bool, show_progress: bool | None, log: Callab
             "adapter": str(final),
             "output_kind": final.name,
             "loss_plot": str(plot) if plot else None,
+            "task": cfg.task,
+            **task_metrics,
+            **extra,
         }
         try:
             atomic_write_text(out / SUMMARY, json.dumps(summary, indent=2) + "\n")

@@ -1,0 +1,668 @@
+"""Speed and memory, peftkit vs transformers + PEFT, side by side in one run (issue #9).
+
+Parts (``--parts``, default all):
+
+  real     LoRA training on real variable-length data (rotten-tomatoes, chatterbot) on smollm2-135m:
+           wall time and real (non-padding) tokens/s for a fixed number of examples. peftkit with its
+           defaults (peftkit's Trainer) vs transformers' Trainer + peft ``get_peft_model`` with the Trainer's
+           usual settings (DataCollatorForSeq2Seq padding to the longest in the batch, shuffled), same
+           examples, LoRA r/alpha/targets, batch size, lr, fp32. ``--levers`` adds peftkit runs with one
+           lever switched off each.
+  step     a fixed-shape training step (forward + backward + clip + AdamW) on a GPT-2-shaped (GPT-2 small)
+           and a Llama-shaped (SmolLM2-135M config) model with random weights: peftkit LoRA, PEFT LoRA and
+           full fine-tuning; achieved FLOP/s of each against the measured matmul peak.
+  gen      greedy generation latency (N new tokens) on smollm2-135m: bare base, adapter unmerged, merged.
+  matmul   the machine's matmul peak: a large fp32 matmul, and bf16 (measured once; bf16 training is
+           skipped on CPUs without native bf16, where it is ~100x slower than fp32).
+
+Each configuration runs in its own process (its peak RSS is its own) and the configurations of one
+comparison alternate (A B A B ...); the table shows medians and ratios. ``--quick`` runs tiny models
+in-process in a few seconds (the smoke test).
+
+    .venv/bin/python bench/speed.py                      # the full run (~20 min on 2 cores)
+    .venv/bin/python bench/speed.py --parts step --rounds 3 --steps 5
+    .venv/bin/python bench/speed.py --quick
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import json
+import os
+import random
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+from _common import alternate, machine, median, peak_rss_mb, reset_peak, rss_mb, timed, worker_main  # noqa: E402
+
+SCRIPT = Path(__file__).resolve()
+PARTS = ("matmul", "step", "gen", "real")
+DATASETS = ("rotten-tomatoes", "chatterbot")
+LORA = {"r": 8, "alpha": 16.0}  # peftkit's defaults; PEFT is given the same (and the same targets)
+LR = 2e-4
+
+# -- models -------------------------------------------------------------------------------------------
+
+SHAPES = {  # fixed-shape step models: random weights from a config
+    "gpt2": {"model_type": "gpt2"},  # GPT-2 small: 12 x 768, vocab 50257 (124M)
+    "llama": {"model_type": "llama", "hidden_size": 576, "intermediate_size": 1536, "num_hidden_layers": 30,
+              "num_attention_heads": 9, "num_key_value_heads": 3, "vocab_size": 49152, "tie_word_embeddings": True,
+              "max_position_embeddings": 2048, "rope_theta": 100000.0},  # SmolLM2-135M's shape (134.5M)
+}
+QUICK_SHAPES = {
+    "gpt2": {"model_type": "gpt2", "n_embd": 64, "n_layer": 2, "n_head": 4, "vocab_size": 1000, "n_positions": 512},
+    "llama": {"model_type": "llama", "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+              "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 1000, "tie_word_embeddings": True,
+              "max_position_embeddings": 512},
+}
+TARGETS = {"gpt2": ["c_attn"], "llama": ["q_proj", "v_proj"]}  # peftkit's (and PEFT's) defaults per family
+
+
+def config_model(spec: dict[str, Any]) -> Any:
+    """A randomly initialised causal LM (fp32, seeded) from a config spec."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    spec = dict(spec)
+    config = AutoConfig.for_model(spec.pop("model_type"), **spec)
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+
+
+def real_model(quick: bool) -> tuple[Any, Any]:
+    """smollm2-135m and its tokenizer; with ``quick`` a tiny random Llama behind the same tokenizer."""
+    from transformers import AutoTokenizer
+
+    from peftkit.models import load_model, resolve_model
+
+    if not quick:
+        return load_model("smollm2-135m")
+    tok = AutoTokenizer.from_pretrained(resolve_model("smollm2-135m"), local_files_only=True)
+    spec = {**QUICK_SHAPES["llama"], "vocab_size": len(tok), "hidden_size": 32, "intermediate_size": 64,
+            "bos_token_id": tok.bos_token_id, "eos_token_id": tok.eos_token_id, "pad_token_id": tok.pad_token_id}
+    return config_model(spec), tok
+
+
+def attach(model: Any, stack: str, family: str) -> Any:
+    """LoRA (r 8, alpha 16, the family's default targets, no dropout) by ``stack``; ``full`` trains everything."""
+    import peftkit
+
+    if stack == "peftkit":
+        import torch
+
+        torch.manual_seed(0)
+        peftkit.inject(model, peftkit.LoraConfig(r=LORA["r"], alpha=LORA["alpha"], target_modules=TARGETS[family]))
+        return model
+    if stack == "full":
+        peftkit.inject(model, peftkit.FullConfig())
+        return model
+    if stack == "peft":
+        import peft
+
+        cfg = peft.LoraConfig(r=LORA["r"], lora_alpha=LORA["alpha"], lora_dropout=0.0, target_modules=TARGETS[family],
+                              fan_in_fan_out=family == "gpt2", task_type="CAUSAL_LM")
+        return peft.get_peft_model(model, cfg)
+    raise ValueError(f"unknown stack {stack!r}")
+
+
+# -- FLOP counting ------------------------------------------------------------------------------------
+
+def step_flops(model: Any, batch: int, seq: int) -> dict[str, float]:
+    """FLOPs of one training step, counted from the model's matmuls (not 6N).
+
+    Per token, every linear-like weight of n elements costs 2n forward and 2n backward for the input
+    gradient; only trainable weights cost another 2n for their weight gradient (frozen ones need none).
+    The LM head counts like any linear (a tied embedding too); embedding lookups cost nothing. Causal
+    attention: QK^T and AV over the lower triangle, 2*S^2*d forward per sequence and layer, twice that backward.
+    """
+    tokens = batch * seq
+    fwd = bwd = 0.0
+    for module in model.modules():
+        weight = getattr(module, "weight", None)
+        if weight is None or weight.ndim != 2 or not _is_matmul(module):
+            continue
+        n = weight.numel()
+        fwd += 2 * n * tokens
+        bwd += 2 * n * tokens + (2 * n * tokens if weight.requires_grad else 0)
+    cfg = model.config
+    layers = getattr(cfg, "num_hidden_layers", None) or cfg.n_layer
+    width = getattr(cfg, "hidden_size", None) or cfg.n_embd
+    attn_fwd = 2 * batch * seq * seq * width * layers  # causal: half of 4*S^2*d
+    return {"forward": fwd + attn_fwd, "backward": bwd + 2 * attn_fwd, "total": fwd + bwd + 3 * attn_fwd}
+
+
+def _is_matmul(module: Any) -> bool:
+    import torch.nn as nn
+
+    return isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D"
+
+
+# -- workers ------------------------------------------------------------------------------------------
+
+def run_job(job: dict[str, Any]) -> dict[str, Any]:
+    if job.get("threads"):
+        import torch
+
+        torch.set_num_threads(job["threads"])
+    return {"matmul": job_matmul, "step": job_step, "step-memory": job_step_memory, "gen": job_gen,
+            "gen-memory": job_gen_memory, "real": job_real}[job["part"]](job)
+
+
+def job_matmul(job: dict[str, Any]) -> dict[str, Any]:
+    """GFLOP/s of an n x n @ n x n matmul (best of ``repeats``: the peak)."""
+    import torch
+
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[job["dtype"]]
+    n = job["n"]
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    times = timed(lambda: a @ b, job["repeats"], warmup=1)
+    return {"gflops": 2 * n**3 / min(times) / 1e9, "median_gflops": 2 * n**3 / median(times) / 1e9}
+
+
+def build_step(job: dict[str, Any]) -> tuple[Any, Any, dict[str, Any]]:
+    """One configuration's fixed-shape training step (forward, backward, clip, AdamW): ``(model, step, info)``."""
+    import torch
+
+    from peftkit.train.config import TrainConfig
+    from peftkit.train.loop import autocast, lm_loss_sum, make_optimizer
+
+    shapes = QUICK_SHAPES if job.get("quick") else SHAPES
+    model = attach(config_model(shapes[job["shape"]]), job["stack"], job["shape"])
+    model.train()
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(model.config.vocab_size, (job["batch"], job["seq"]), generator=g)
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    if job["stack"] == "peft":  # the reference: what the Trainer does (loss from labels, its default fused AdamW)
+        opt = torch.optim.AdamW(params, lr=LR, fused=True)
+
+        def loss_fn() -> torch.Tensor:
+            return model(**batch, use_cache=False).loss
+    else:
+        opt = make_optimizer(model, TrainConfig(lr=LR))
+        if job.get("optimizer") == "loop":  # lever off: torch's default (for-loop) AdamW update
+            opt = torch.optim.AdamW([{"params": g["params"], "weight_decay": g["weight_decay"]} for g in opt.param_groups],
+                                    lr=LR, fused=False, foreach=False)
+        if job.get("compile"):
+            from peftkit.train.compile import compile_blocks
+
+            compile_blocks(model)
+
+        def loss_fn() -> torch.Tensor:
+            with autocast(ids.device, job.get("precision", "fp32")):
+                loss_sum, n = lm_loss_sum(model, batch)
+            return loss_sum / n
+
+    def step() -> None:
+        loss_fn().backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    info = {"trainable": sum(p.numel() for p in params), "flops": step_flops(model, job["batch"], job["seq"])}
+    return model, step, info
+
+
+def job_step(job: dict[str, Any]) -> dict[str, Any]:
+    """The configurations of ``job["configs"]`` in one process, their steps interleaved (A B C A B C ...):
+    a slow second on a shared CPU then hits all of them, and per-round ratios stay honest."""
+    import time as _time
+
+    built = [build_step({**job, **c}) for c in job["configs"]]
+    first = []
+    for _, step, _ in built:  # one-off work (allocator warm-up, compilation) out of the timed rounds
+        t = _time.perf_counter()
+        step()
+        first.append(_time.perf_counter() - t)
+    times: list[list[float]] = [[] for _ in built]
+    for _ in range(job["steps"]):
+        for i, (_, step, _) in enumerate(built):
+            t = _time.perf_counter()
+            step()
+            times[i].append(_time.perf_counter() - t)
+    return {"configs": [{"times": ts, "median_s": median(ts), "first_step_s": f, "gflops": info["flops"]["total"] / median(ts) / 1e9,
+                         **info} for ts, f, (_, _, info) in zip(times, first, built)]}
+
+
+def job_step_memory(job: dict[str, Any]) -> dict[str, Any]:
+    """Peak memory of one configuration alone (its own process): build, one step (the optimizer state and
+    the largest activations exist from the first step on)."""
+    _, step, info = build_step(job)
+    step()
+    return {"trainable": info["trainable"]}
+
+
+def gen_variant(job: dict[str, Any], variant: str) -> tuple[Any, Any]:
+    """smollm2-135m as bare base, with a LoRA adapter (r 8 on q/v, B not zero), or with it merged."""
+    import torch
+
+    import peftkit
+
+    model, tok = real_model(job.get("quick", False))
+    model.eval()
+    if variant != "base":
+        torch.manual_seed(0)
+        peftkit.inject(model, peftkit.LoraConfig(r=LORA["r"], alpha=LORA["alpha"], init="random"))  # B not zero
+        if variant == "merged":
+            peftkit.merge(model)
+    return model, tok
+
+
+def job_gen(job: dict[str, Any]) -> dict[str, Any]:
+    """Greedy generation of exactly ``new_tokens`` tokens (batch 1) by each variant, interleaved in one process."""
+    import time as _time
+
+    import torch
+
+    models = [gen_variant(job, v) for v in job["variants"]]
+    tok = models[0][1]
+    prompt = _prompt_ids(tok)
+    n = job["new_tokens"]
+
+    @torch.no_grad()
+    def generate(model: Any) -> Any:
+        out = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=n, min_new_tokens=n,
+                             do_sample=False, pad_token_id=tok.pad_token_id)
+        assert out.shape[1] == prompt.shape[1] + n
+        return out[0, prompt.shape[1]:]
+
+    outputs = [generate(m) for m, _ in models]  # warm-up
+    times: list[list[float]] = [[] for _ in models]
+    for _ in range(job["repeats"]):
+        for i, (m, _) in enumerate(models):
+            t = _time.perf_counter()
+            generate(m)
+            times[i].append(_time.perf_counter() - t)
+    unmerged = outputs[job["variants"].index("unmerged")] if "unmerged" in job["variants"] else outputs[0]
+    same = [bool(torch.equal(o, unmerged)) for o in outputs]  # merged must generate what unmerged does
+    return {"prompt_tokens": int(prompt.shape[1]), "same_tokens_as_unmerged": same,
+            "variants": [{"variant": v, "times": ts, "median_s": median(ts)} for v, ts in zip(job["variants"], times)]}
+
+
+def job_gen_memory(job: dict[str, Any]) -> dict[str, Any]:
+    """Peak memory of one generation variant alone (its own process): build, generate once."""
+    import torch
+
+    model, tok = gen_variant(job, job["variant"])
+    prompt = _prompt_ids(tok)
+    with torch.no_grad():
+        model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=job["new_tokens"],
+                       min_new_tokens=job["new_tokens"], do_sample=False, pad_token_id=tok.pad_token_id)
+    return {}
+
+
+def _prompt_ids(tok: Any) -> Any:
+    from peftkit.data.load import load_splits
+    from peftkit.data.template import Template
+
+    splits = load_splits("rotten-tomatoes")
+    template = Template.create(tok, "auto", splits.format)
+    import torch
+
+    return torch.tensor([template.prompt_ids(splits.test[0])])
+
+
+def real_examples(tok: Any, dataset: str, n: int) -> list[dict[str, list[int]]]:
+    """The first ``n`` training examples (after a seeded shuffle), encoded by peftkit's template with
+    response-only labels: both stacks train on exactly these."""
+    from peftkit.data.load import load_splits
+    from peftkit.data.template import Template
+    from peftkit.data.tokenize import encode_all
+
+    splits = load_splits(dataset)
+    rows = list(splits.train)
+    random.Random(0).shuffle(rows)
+    template = Template.create(tok, "auto", splits.format)
+    return encode_all(template, rows[:n], 256).examples
+
+
+def job_real(job: dict[str, Any]) -> dict[str, Any]:
+    """Wall time of one pass over ``examples`` real examples, and real tokens/s."""
+    model, tok = real_model(job.get("quick", False))
+    examples = real_examples(tok, job["dataset"], job["examples"])
+    real_tokens = sum(len(e["input_ids"]) for e in examples)
+    pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    with tempfile.TemporaryDirectory() as tmp:
+        if job["stack"] == "reference":
+            seconds, processed, steps = _train_reference(model, tok, examples, job, Path(tmp))
+            computed = processed
+        else:
+            seconds, processed, computed, steps = _train_peftkit(model, examples, pad_id, job, Path(tmp))
+    return {"seconds": seconds, "real_tokens": real_tokens, "processed_tokens": processed, "steps": steps,
+            "computed_tokens": computed, "tokens_per_s": real_tokens / seconds,
+            "padding_fraction": 1 - real_tokens / max(processed, 1)}
+
+
+def _train_peftkit(model: Any, examples: list, pad_id: int, job: dict[str, Any], out: Path) -> tuple[float, int, int]:
+    """peftkit's Trainer with its defaults; ``job["levers"]`` switches single levers off (or on)."""
+    import peftkit.train.loop as loop
+    from peftkit.data.collate import batch_order
+    from peftkit.train.config import DataConfig, TrainConfig
+
+    levers = job.get("levers", {})
+    data = DataConfig()
+    packing = levers.get("packing", data.packing)
+    group = levers.get("group_by_length", data.group_by_length)
+    attach(model, "peftkit", "llama")
+    bs = job["batch"]
+    lengths = [len(e["input_ids"]) for e in examples]
+    batches = batch_order(lengths, bs, 0, 0, group, bs * data.max_length if packing else None)
+    processed, computed = _peftkit_tokens(examples, batches, pad_id, packing, levers)
+    cfg = TrainConfig(max_steps=len(batches), batch_size=bs, lr=LR, eval_every=0, save_every=0,
+                      log_every=len(batches), seed=0, **levers.get("train", {}))
+    extra = {"split_padding": levers.get("split_padding", True)}
+    if levers.get("loss"):  # keyword arguments of lm_loss_sum, e.g. {"labelled_only": False}
+        extra["objective"] = dataclasses.replace(loop.LM_OBJECTIVE, loss_sum=functools.partial(loop.lm_loss_sum, **levers["loss"]))
+    trainer = loop.Trainer(model, examples, [], cfg, pad_id, out, None, packing, group, data.max_length,
+                           show_progress=False, **extra)
+    start = time.perf_counter()
+    trainer.fit()
+    return time.perf_counter() - start, processed, computed, len(batches)
+
+
+def _peftkit_tokens(examples: list, batches: list[list[int]], pad_id: int, packing: bool, levers: dict) -> tuple[int, int]:
+    """Tokens fed to the model (padding included) and token positions computed (a shared prefix once per
+    sub-batch), as peftkit's Trainer batches them."""
+    from peftkit.data.collate import pack_batch, pad_batch, split_padded
+    from peftkit.train.shared_prefix import shared_prefix_len
+
+    fed = computed = 0
+    for b in batches:
+        rows = [examples[i] for i in b]
+        if packing:
+            n = pack_batch(rows, pad_id)["input_ids"].numel()
+            fed, computed = fed + n, computed + n
+            continue
+        batch = pad_batch(rows, pad_id)
+        for sub in split_padded(batch) if levers.get("split_padding", True) else [batch]:
+            r, t = sub["input_ids"].shape
+            share = shared_prefix_len(sub) if levers.get("loss", {}).get("share_prefix", True) and \
+                levers.get("loss", {}).get("labelled_only", True) else 0
+            fed += r * t
+            computed += r * t - (r - 1) * share
+    return fed, computed
+
+
+def _train_reference(model: Any, tok: Any, examples: list, job: dict[str, Any], out: Path) -> tuple[float, int, int]:
+    """transformers' Trainer + peft with the Trainer's usual settings (shuffled, padded to the longest)."""
+    import peft
+    from transformers import DataCollatorForSeq2Seq, Trainer, TrainingArguments
+
+    cfg = peft.LoraConfig(r=LORA["r"], lora_alpha=LORA["alpha"], lora_dropout=0.0, target_modules=TARGETS["llama"],
+                          task_type="CAUSAL_LM")
+    model = peft.get_peft_model(model, cfg)
+    collator = DataCollatorForSeq2Seq(tok, padding="longest", label_pad_token_id=-100)
+    processed = [0, 0]
+
+    def collate(features: list[dict]) -> dict:
+        batch = collator([dict(f) for f in features])
+        processed[0] += int(batch["input_ids"].numel())
+        processed[1] += 1
+        return batch
+
+    args = TrainingArguments(
+        output_dir=str(out), per_device_train_batch_size=job["batch"], learning_rate=LR, num_train_epochs=1,
+        warmup_steps=10, lr_scheduler_type="cosine", logging_strategy="no", save_strategy="no", eval_strategy="no",
+        report_to="none", use_cpu=True, seed=0, disable_tqdm=True, dataloader_num_workers=0,
+        remove_unused_columns=False,
+    )
+    trainer = Trainer(model=model, args=args, train_dataset=examples, data_collator=collate)
+    start = time.perf_counter()
+    trainer.train()
+    return time.perf_counter() - start, processed[0], processed[1]
+
+
+# -- the parent: which jobs, in which order, and the table --------------------------------------------
+
+def plan(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
+    """Per comparison: its jobs and how many rounds they alternate (``{"jobs": [...], "rounds": k}``).
+
+    Fixed-shape steps and generation interleave their configurations inside one process (job 0), step by
+    step; a process of its own per configuration (the later jobs) then measures each one's peak memory.
+    Real-data runs are whole trainings: they alternate process by process, ``--rounds`` times.
+    """
+    q = {"quick": True} if args.quick else {}
+    groups: dict[str, dict[str, Any]] = {}
+    if "matmul" in args.parts:
+        n = 256 if args.quick else 2048
+        groups["matmul"] = {"rounds": 1, "jobs": [{"part": "matmul", "dtype": "fp32", "n": n, "repeats": 5},
+                                                  {"part": "matmul", "dtype": "bf16", "n": min(n, 1024), "repeats": 2}]}
+    if "step" in args.parts:
+        batch, seq = (2, 32) if args.quick else (args.batch, args.seq)
+        for shape in ("gpt2", "llama"):
+            configs = [{"stack": s} for s in ("peftkit", "peft", "full")]
+            if args.levers and shape == "llama":
+                configs.append({"stack": "full", "optimizer": "loop", "variant": "for-loop AdamW"})
+            if args.compile and shape == "llama":
+                configs.append({"stack": "peftkit", "compile": True, "variant": "train.compile"})
+            common = {"shape": shape, "batch": batch, "seq": seq, **q}
+            jobs = [{"part": "step", **common, "steps": args.steps, "configs": configs}]
+            jobs += [{"part": "step-memory", **common, **c} for c in configs if not c.get("compile")]
+            groups[f"step-{shape}"] = {"rounds": 1, "jobs": jobs}
+    if "gen" in args.parts:
+        common = {"new_tokens": 8 if args.quick else args.new_tokens, **q}
+        variants = ["base", "merged", "unmerged"]
+        jobs = [{"part": "gen", **common, "repeats": args.gen_repeats, "variants": variants}]
+        jobs += [{"part": "gen-memory", **common, "variant": v} for v in variants]
+        groups["gen"] = {"rounds": 1, "jobs": jobs}
+    if "real" in args.parts:
+        n, bs = (8, 4) if args.quick else (args.examples, 8)
+        for ds in DATASETS:
+            common = {"part": "real", "dataset": ds, "examples": n, "batch": bs, **q}
+            groups[f"real-{ds}"] = {"rounds": args.rounds,
+                                    "jobs": [{**common, "stack": s} for s in ("peftkit", "reference")]}
+        if args.levers:  # one round: each lever off once, next to a run of the defaults
+            for ds in DATASETS:
+                common = {"part": "real", "dataset": ds, "examples": n, "batch": bs, "stack": "peftkit", **q}
+                jobs = [common] + [{**common, "levers": lever, "variant": name} for name, lever in LEVER_OFF.items()]
+                groups[f"levers-{ds}"] = {"rounds": 1, "jobs": jobs}
+    return groups
+
+
+# peftkit with one lever changed from its default: shows what each lever is worth on real data
+LEVER_OFF: dict[str, dict[str, Any]] = {
+    "no shared prefix": {"loss": {"share_prefix": False}},
+    "no shared prefix, logits at every position": {"loss": {"labelled_only": False}},
+    "no padding split": {"split_padding": False},
+    "no length grouping": {"group_by_length": False},
+    "packing instead of grouping": {"packing": True},
+}
+
+
+def run_inline(groups: dict[str, dict[str, Any]]) -> dict[str, list[list[dict[str, Any]]]]:
+    """--quick: every job in this process (fast; memory figures are then RSS deltas within one process)."""
+    out = {}
+    for name, group in groups.items():
+        jobs = group["jobs"]
+        out[name] = [[] for _ in jobs]
+        for _ in range(group["rounds"]):
+            for i, job in enumerate(jobs):
+                base = rss_mb()
+                reset_peak()
+                result = run_job(job)
+                result["peak_delta_mb"] = round(peak_rss_mb() - base, 1)
+                out[name][i].append({"job": job, **result})
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--worker", help=argparse.SUPPRESS)
+    p.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS), help="which parts to run (default: all)")
+    p.add_argument("--rounds", type=int, default=2, help="alternation rounds per comparison (A B A B ...)")
+    p.add_argument("--steps", type=int, default=3, help="timed steps per fixed-shape job (after 1 warm-up step)")
+    p.add_argument("--batch", type=int, default=4, help="fixed-shape batch size")
+    p.add_argument("--seq", type=int, default=256, help="fixed-shape sequence length")
+    p.add_argument("--examples", type=int, default=96, help="real-data examples per run (one pass, batch 8)")
+    p.add_argument("--levers", action="store_true", help="also peftkit with single levers switched off (real data; "
+                   "for-loop AdamW in the Llama full FT step)")
+    p.add_argument("--compile", action="store_true", help="step: also peftkit LoRA with train.compile (Llama shape)")
+    p.add_argument("--new-tokens", type=int, default=64, help="generation: new tokens")
+    p.add_argument("--gen-repeats", type=int, default=5, help="generation: timed generations per job")
+    p.add_argument("--threads", type=int, help="torch threads in every job (default: torch's choice, one per core); "
+                   "on a CPU shared with other work, 1 avoids threads spinning while waiting for each other")
+    p.add_argument("--quick", action="store_true", help="tiny models, in-process: a smoke run in seconds")
+    p.add_argument("--subprocess", action="store_true", help="with --quick: still one process per job")
+    p.add_argument("--out", type=Path, help="write speed.json and speed.md into this folder")
+    args = p.parse_args(argv)
+    if args.worker:
+        import peft  # noqa: F401  imported up front by every worker: "peak MB" is then what the job added
+        import torch  # noqa: F401
+        import transformers  # noqa: F401
+
+        import peftkit  # noqa: F401
+        import peftkit.train.loop  # noqa: F401
+
+        worker_main(args.worker, run_job)
+        return 0
+    if args.quick:
+        args.rounds, args.steps, args.gen_repeats = 1, 1, 1
+        import torch
+
+        torch.set_num_threads(1)  # tiny matrices: one thread is fastest, and does not crawl on a busy CPU
+    info = machine()
+    print(f"machine: {json.dumps(info)}", flush=True)
+    groups = plan(args)
+    if args.quick:
+        args.threads = 1
+    if args.threads:
+        info["torch_threads"] = args.threads
+        for group in groups.values():
+            for job in group["jobs"]:
+                job["threads"] = args.threads
+    started = time.perf_counter()
+    if args.quick and not args.subprocess:
+        results = run_inline(groups)
+    else:
+        results = {}
+        for name, group in groups.items():
+            print(f"{name}:", flush=True)
+            results[name] = alternate(SCRIPT, group["jobs"], group["rounds"])
+    elapsed = time.perf_counter() - started
+    info["load_average_end"] = [round(x, 1) for x in os.getloadavg()]
+    table = report(results, info, " ".join(sys.argv[1:]), elapsed)
+    print(table)
+    if args.out:
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "speed.json").write_text(json.dumps({"machine": info, "results": results}, indent=1))
+        (args.out / "speed.md").write_text(table)
+    return 0
+
+
+# -- the report ---------------------------------------------------------------------------------------
+
+def report(results: dict[str, list[list[dict[str, Any]]]], info: dict[str, Any], argv: str, elapsed: float) -> str:
+    lines = [f"Machine: {info['cpu']}, {info['cores']} cores ({info['cpu_capability']}), {info['memory_gb']} GB; "
+             f"torch {info['torch']} ({info['torch_threads']} threads), transformers {info['transformers']}, "
+             f"peft {info['peft']}, Python {info['python']}.",
+             f"Command: `.venv/bin/python bench/speed.py {argv}`".rstrip() + f" ({elapsed / 60:.1f} min). "
+             f"Load average (1/5/15 min) of the shared CPU: {info['load_average']} at the start, "
+             f"{info.get('load_average_end')} at the end.", ""]
+    quick = any(runs[0][0]["job"].get("quick") for runs in results.values())
+    model_name = "a tiny random Llama (--quick)" if quick else "smollm2-135m"
+    peak = None
+    if "matmul" in results:
+        fp32, bf16 = (median(r["gflops"] for r in runs) for runs in results["matmul"])
+        peak = fp32
+        n32, n16 = results["matmul"][0][0]["job"]["n"], results["matmul"][1][0]["job"]["n"]
+        lines += ["**Matmul peak** (best of 5, median over rounds): "
+                  f"fp32 {fp32:.0f} GFLOP/s ({n32}x{n32}), bf16 {bf16:.1f} GFLOP/s ({n16}x{n16}).", ""]
+    real = [k for k in results if k.startswith("real-")]
+    if real:
+        lines += [f"**1. LoRA training on real data** ({model_name}, one pass over the same examples, batch 8, "
+                  "fp32; median over rounds)", "",
+                  "| dataset | stack | wall s | real tokens/s | padding | positions computed per real token | peak MB | "
+                  "speed-up vs reference |",
+                  "|---|---|---:|---:|---:|---:|---:|---:|"]
+        for key in real:
+            runs = results[key]
+            ref = median(r["seconds"] for r in runs[1])
+            for job_runs in runs:
+                job = job_runs[0]["job"]
+                s = median(r["seconds"] for r in job_runs)
+                name = {"peftkit": "peftkit defaults", "reference": "Trainer + peft"}[job["stack"]]
+                if job.get("variant"):
+                    name = f"peftkit, {job['variant']}"
+                lines.append(f"| {job['dataset']} ({job['examples']} ex) | {name} | {s:.1f} | "
+                             f"{median(r['tokens_per_s'] for r in job_runs):.0f} | "
+                             f"{median(r['padding_fraction'] for r in job_runs):.0%} | "
+                             f"{job_runs[0]['computed_tokens'] / job_runs[0]['real_tokens']:.2f} | "
+                             f"{median(r['peak_delta_mb'] for r in job_runs):.0f} | {ref / s:.2f}x |")
+        lines.append("")
+    levers = [k for k in results if k.startswith("levers-")]
+    if levers:
+        lines += ["**Levers on real data** (peftkit, one lever changed from its default at a time; one run each, "
+                  f"next to a run of the defaults in the same stretch of time; {model_name}, same examples)", "",
+                  "| dataset | peftkit | wall s | real tokens/s | padding | positions computed per real token | peak MB | "
+                  "time vs defaults |", "|---|---|---:|---:|---:|---:|---:|---:|"]
+        for key in levers:
+            runs = results[key]
+            base = runs[0][0]["seconds"]
+            for job_runs in runs:
+                r = job_runs[0]
+                lines.append(f"| {r['job']['dataset']} ({r['job']['examples']} ex) | {r['job'].get('variant', 'defaults')} | "
+                             f"{r['seconds']:.1f} | {r['tokens_per_s']:.0f} | {r['padding_fraction']:.0%} | "
+                             f"{r['computed_tokens'] / r['real_tokens']:.2f} | {r['peak_delta_mb']:.0f} | "
+                             f"{r['seconds'] / base:.2f}x |")
+        lines.append("")
+    steps = [k for k in results if k.startswith("step-")]
+    if steps:
+        job0 = results[steps[0]][0][0]["job"]
+        lines += [f"**2-3, 5-6. Fixed-shape training step** (random weights, batch {job0['batch']} x {job0['seq']}, "
+                  "fp32, forward + backward + clip + AdamW; the configurations' steps interleaved in one process, "
+                  f"{job0['steps']} timed rounds after one untimed step each: medians, and medians of the per-round "
+                  "ratios; peak memory from a process of its own per configuration)", "",
+                  "| model | configuration | s/step | vs PEFT | vs full FT | first step s | trainable | GFLOP/step | "
+                  "GFLOP/s | of fp32 peak | peak MB |",
+                  "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        for key in steps:
+            timing, memory = results[key][0][0], results[key][1:]
+            configs = timing["configs"]
+            for c, spec in zip(configs, timing["job"]["configs"]):
+                name = {"peftkit": "peftkit LoRA", "peft": "PEFT LoRA", "full": "full FT (peftkit)"}[spec["stack"]]
+                if spec.get("variant"):
+                    name += f", {spec['variant']}"
+                of_peak = f"{c['gflops'] / peak:.0%}" if peak else "-"
+                mem = [m[0] for m in memory if {k: m[0]["job"].get(k) for k in spec} == spec]
+                peak_mb = f"{mem[0]['peak_delta_mb']:.0f}" if mem else "-"
+                lines.append(f"| {timing['job']['shape']} | {name} | {c['median_s']:.2f} | "
+                             f"{_ratio(c['times'], configs[1]['times']):.2f}x | {_ratio(c['times'], configs[2]['times']):.2f}x | "
+                             f"{c['first_step_s']:.1f} | {c['trainable']:,} | {c['flops']['total'] / 1e9:.0f} | "
+                             f"{c['gflops']:.0f} | {of_peak} | {peak_mb} |")
+        lines += ["", "FLOPs are counted from the model's matmuls, not as 6N: per token 2n forward and 2n backward "
+                  "(input gradient) for every linear weight of n elements (LM head included), 2n more only for "
+                  "trainable weights (the weight gradient); causal attention 2·S²·d per sequence and layer forward, "
+                  "twice that backward.", ""]
+    if "gen" in results:
+        timing, memory = results["gen"][0][0], results["gen"][1:]
+        job0 = timing["job"]
+        variants = timing["variants"]
+        lines += [f"**4. Generation latency** ({model_name}, greedy, {job0['new_tokens']} new tokens after a "
+                  f"{timing['prompt_tokens']}-token prompt, batch 1; LoRA r 8 on q/v, random non-zero B; variants "
+                  f"interleaved in one process, {job0['repeats']} rounds: medians and medians of per-round ratios; "
+                  "peak memory from a process of its own per variant)", "",
+                  "| model | s | ms/token | vs base | same tokens as unmerged | peak MB |", "|---|---:|---:|---:|---|---:|"]
+        for i, v in enumerate(variants):
+            lines.append(f"| {v['variant']} | {v['median_s']:.3f} | {1000 * v['median_s'] / job0['new_tokens']:.1f} | "
+                         f"{_ratio(v['times'], variants[0]['times']):.3f}x | {timing['same_tokens_as_unmerged'][i]} | "
+                         f"{memory[i][0]['peak_delta_mb']:.0f} |")
+        lines.append("")
+    return "\n".join(lines) + "\n"
+
+
+def _ratio(times: list[float], reference: list[float]) -> float:
+    """Median of the per-round ratios (round r of both ran back to back)."""
+    return median(a / b for a, b in zip(times, reference))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
