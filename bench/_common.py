@@ -84,7 +84,11 @@ def describe(job: dict[str, Any]) -> str:
 
 def summary(result: dict[str, Any]) -> str:
     keys = [k for k in ("seconds", "median_s", "tokens_per_s", "gflops", "peak_delta_mb") if k in result]
-    return ", ".join(f"{k}={_fmt(result[k])}" for k in keys)
+    parts = [f"{k}={_fmt(result[k])}" for k in keys]
+    for k in ("configs", "variants"):  # jobs that interleave several configurations
+        if k in result:
+            parts.append("median_s=" + "/".join(f"{c['median_s']:.3g}" for c in result[k]))
+    return ", ".join(parts)
 
 
 def _fmt(v: Any) -> str:

@@ -234,9 +234,10 @@ def job_step(job: dict[str, Any]) -> dict[str, Any]:
 
 
 def job_step_memory(job: dict[str, Any]) -> dict[str, Any]:
-    """Peak memory of one configuration alone (its own process): build, one step (the optimizer state and
-    the largest activations exist from the first step on)."""
+    """Peak memory of one configuration alone (its own process): build, two steps (from the second on, the
+    optimizer state and gradients exist while the activations of the next forward are held)."""
     _, step, info = build_step(job)
+    step()
     step()
     return {"trainable": info["trainable"]}
 
