@@ -22,7 +22,8 @@ Models:
 
 Variants (``--variants``): ``full`` (every parameter trains), ``lora`` (r 8, alpha 16, every linear layer, as
 QLoRA), ``qlora`` (NF4 + double quantization, LoRA r 8 on every linear layer, embedding and head fp32),
-``qlora-small`` (``qlora`` + ``method.base_dtype=bf16`` + ``method.quantize_head=true``), ``qlora-int8``
+``qlora-bf16-rest`` (``qlora`` + ``method.base_dtype=bf16``: embedding and head stored bf16, computed fp32),
+``qlora-small`` (``qlora-bf16-rest`` + ``method.quantize_head=true``: the head NF4 too), ``qlora-int8``
 (``method.bits=8``), and ``full-bf16`` / ``lora-bf16`` (the base in bf16; LoRA's weights stay fp32).
 bf16 variants compute in bf16: on a CPU without AVX512-BF16/AMX that is ~100-600x slower than fp32, so
 there they run no step unless ``--bf16-steps`` says so (their weights and prediction are still reported).
@@ -67,6 +68,8 @@ VARIANTS: dict[str, Variant] = {
     "full": Variant({"name": "full"}),
     "lora": Variant({"name": "lora", **LORA}),
     "qlora": Variant({"name": "qlora", **LORA}, note="NF4 + double quant; embedding/head fp32"),
+    "qlora-bf16-rest": Variant({"name": "qlora", **LORA, "base_dtype": "bf16"},
+                               note="NF4; embedding and head stored bf16, computed fp32"),
     "qlora-small": Variant({"name": "qlora", **LORA, "base_dtype": "bf16", "quantize_head": True},
                            note="NF4; embedding bf16, head NF4"),
     "qlora-int8": Variant({"name": "qlora", **LORA, "bits": 8}, note="int8; embedding/head fp32"),
@@ -290,8 +293,10 @@ def run_inline(job: dict[str, Any]) -> dict[str, Any]:
 
 
 # -- the parent: predictions, workers, the table ---------------------------------------------------------------
-def predict(spec: ModelSpec, variant: Variant, batch: int, seq: int, checkpointing: bool) -> dict[str, Any]:
-    """peftkit's prediction for this configuration, from the config alone (meta device)."""
+def predict(spec: ModelSpec, variant: Variant, batch: int, seq: int, checkpointing: bool,
+            mmap_threshold: int | None = None) -> dict[str, Any]:
+    """peftkit's prediction for this configuration, from the config alone (meta device); ``mmap_threshold``: the
+    workers' ``MALLOC_MMAP_THRESHOLD_`` (the prediction then counts no memory kept by glibc's heap)."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig
 
@@ -312,7 +317,16 @@ def predict(spec: ModelSpec, variant: Variant, batch: int, seq: int, checkpointi
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(hf).to(dtype)
         inject(model, cfg.method_config())
-    return predict_memory(cfg, model).to_dict()
+    saved = os.environ.get("MALLOC_MMAP_THRESHOLD_")
+    if mmap_threshold:  # the predictor reads the variable of the process it predicts for: the worker's
+        os.environ["MALLOC_MMAP_THRESHOLD_"] = str(mmap_threshold)
+    try:
+        return predict_memory(cfg, model).to_dict()
+    finally:
+        if mmap_threshold and saved is None:
+            del os.environ["MALLOC_MMAP_THRESHOLD_"]
+        elif saved is not None:
+            os.environ["MALLOC_MMAP_THRESHOLD_"] = saved
 
 
 def run_worker(job: dict[str, Any], timeout: float) -> dict[str, Any]:
@@ -373,7 +387,7 @@ def run_all(args: argparse.Namespace, log=print) -> dict[str, Any]:
                 job = {"model": model_name, "variant": v, "batch": batch, "seq": seq, "steps": min(n_steps, steps),
                        "checkpointing": ckpt, "threads": args.threads, "optimizer": args.optimizer,
                        "mmap_threshold": args.malloc_mmap_threshold}
-                pred = predict(spec, variant, batch, seq, ckpt)
+                pred = predict(spec, variant, batch, seq, ckpt, args.malloc_mmap_threshold)
                 row = {"model": model_name, "variant": v, "weights": variant.weights, "method": variant.method,
                        "malloc_mmap_threshold": args.malloc_mmap_threshold,
                        "note": variant.note, "batch": batch, "seq": seq, "checkpointing": ckpt,
@@ -569,6 +583,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                    help="run the configurations in this process, one after another (fast; peaks only indicative)")
     p.add_argument("--quick", action="store_true",
                    help=f"smoke test: tiny model, variants {', '.join(QUICK_VARIANTS)}, 2 steps, in process")
+    p.add_argument("--rerender", metavar="JSON", help="recompute a saved report's predictions and tables (no runs)")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     args.argv = argv
@@ -582,10 +597,28 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return args
 
 
+def rerender(path: Path) -> str:
+    """Refresh a saved report's predictions (the current predictor, same configurations) and its tables."""
+    report = json.loads(path.read_text())
+    for row in report["rows"]:
+        spec, variant = MODELS[row["model"]], VARIANTS[row["variant"]]
+        row["predicted"] = predict(spec, variant, row["batch"], row["seq"], row["checkpointing"],
+                                   row.get("malloc_mmap_threshold"))
+        row["predicted_mb"] = row["predicted"]["total"]
+    report["targets"] = targets(report["rows"])
+    text = markdown(report)
+    path.write_text(json.dumps(report, indent=2) + "\n")
+    path.with_suffix(".md").write_text(text)
+    return text
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     if args.worker:
         worker(args.worker)
+        return 0
+    if args.rerender:
+        print(rerender(Path(args.rerender)))
         return 0
     if args.quick:  # before torch starts OpenMP: on a busy machine spinning threads make tiny steps 50x slower
         os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")

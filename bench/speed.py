@@ -19,9 +19,9 @@ Each configuration runs in its own process (its peak RSS is its own) and the con
 comparison alternate (A B A B ...); the table shows medians and ratios. ``--quick`` runs tiny models
 in-process in a few seconds (the smoke test).
 
-    .venv/bin/python bench/speed.py                      # the full run (~20 min on 2 cores)
-    .venv/bin/python bench/speed.py --parts step --rounds 3 --steps 5
-    .venv/bin/python bench/speed.py --quick
+    .venv/bin/python bench/speed.py --levers --compile --threads 1 --out bench/results   # BENCHMARKS.md's run
+    .venv/bin/python bench/speed.py --parts step --steps 6
+    .venv/bin/python bench/speed.py --quick                                               # the smoke run
 """
 
 from __future__ import annotations
@@ -157,14 +157,16 @@ def run_job(job: dict[str, Any]) -> dict[str, Any]:
 
 
 def job_matmul(job: dict[str, Any]) -> dict[str, Any]:
-    """GFLOP/s of an n x n @ n x n matmul (best of ``repeats``: the peak)."""
+    """Peak GFLOP/s of square matmuls: the best of ``repeats`` timings at each size in ``sizes``."""
     import torch
 
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[job["dtype"]]
-    n = job["n"]
-    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
-    times = timed(lambda: a @ b, job["repeats"], warmup=1)
-    return {"gflops": 2 * n**3 / min(times) / 1e9, "median_gflops": 2 * n**3 / median(times) / 1e9}
+    best = {}
+    for n in job["sizes"]:
+        a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+        best[n] = 2 * n**3 / min(timed(lambda: a @ b, job["repeats"], warmup=1)) / 1e9
+    n = max(best, key=best.get)
+    return {"gflops": best[n], "n": n, "by_size": best}
 
 
 def build_step(job: dict[str, Any]) -> tuple[Any, Any, dict[str, Any]]:
@@ -242,16 +244,23 @@ def job_step_memory(job: dict[str, Any]) -> dict[str, Any]:
     return {"trainable": info["trainable"]}
 
 
-def gen_variant(job: dict[str, Any], variant: str) -> tuple[Any, Any]:
-    """smollm2-135m as bare base, with a LoRA adapter (r 8 on q/v, B not zero), or with it merged."""
+def gen_variant(job: dict[str, Any], variant: str, model: Any = None) -> tuple[Any, Any]:
+    """smollm2-135m as bare base, with a LoRA adapter (r 8 on q/v, B not zero), or with it merged.
+
+    Given ``model`` (a bare base), it is changed in place: its weights keep their memory in every variant,
+    so the variants differ only by what they compute (separately loaded copies differ by where their
+    weights landed, which moved latency by several percent here).
+    """
     import torch
 
     import peftkit
 
-    model, tok = real_model(job.get("quick", False))
+    tok = None
+    if model is None:
+        model, tok = real_model(job.get("quick", False))
     model.eval()
     if variant != "base":
-        torch.manual_seed(0)
+        torch.manual_seed(0)  # the same adapter every time
         peftkit.inject(model, peftkit.LoraConfig(r=LORA["r"], alpha=LORA["alpha"], init="random"))  # B not zero
         if variant == "merged":
             peftkit.merge(model)
@@ -259,34 +268,48 @@ def gen_variant(job: dict[str, Any], variant: str) -> tuple[Any, Any]:
 
 
 def job_gen(job: dict[str, Any]) -> dict[str, Any]:
-    """Greedy generation of exactly ``new_tokens`` tokens (batch 1) by each variant, interleaved in one process."""
+    """Greedy generation of exactly ``new_tokens`` tokens (batch 1), the variants interleaved on one model
+    (bare base -> adapter merged -> unmerged -> adapter removed, every round)."""
     import time as _time
 
     import torch
 
-    models = [gen_variant(job, v) for v in job["variants"]]
-    tok = models[0][1]
+    import peftkit
+
+    model, tok = real_model(job.get("quick", False))
+    model.eval()
     prompt = _prompt_ids(tok)
     n = job["new_tokens"]
 
     @torch.no_grad()
-    def generate(model: Any) -> Any:
+    def generate() -> Any:
         out = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=n, min_new_tokens=n,
                              do_sample=False, pad_token_id=tok.pad_token_id)
         assert out.shape[1] == prompt.shape[1] + n
         return out[0, prompt.shape[1]:]
 
-    outputs = [generate(m) for m, _ in models]  # warm-up
-    times: list[list[float]] = [[] for _ in models]
-    for _ in range(job["repeats"]):
-        for i, (m, _) in enumerate(models):
+    def into(variant: str) -> None:
+        if variant == "base":
+            if getattr(model, "peftkit_state", None) is not None:
+                peftkit.unload(model)
+        elif variant == "merged":
+            gen_variant(job, "merged", model)
+        else:  # unmerged: follows merged in each round
+            peftkit.unmerge(model)
+
+    order = ["base", "merged", "unmerged"]
+    times: dict[str, list[float]] = {v: [] for v in order}
+    outputs = {}
+    for r in range(job["repeats"] + 1):  # round 0 warms up
+        for v in order:
+            into(v)
             t = _time.perf_counter()
-            generate(m)
-            times[i].append(_time.perf_counter() - t)
-    unmerged = outputs[job["variants"].index("unmerged")] if "unmerged" in job["variants"] else outputs[0]
-    same = [bool(torch.equal(o, unmerged)) for o in outputs]  # merged must generate what unmerged does
+            outputs[v] = generate()
+            if r:
+                times[v].append(_time.perf_counter() - t)
+    same = [bool(torch.equal(outputs[v], outputs["unmerged"])) for v in order]  # merged must generate what unmerged does
     return {"prompt_tokens": int(prompt.shape[1]), "same_tokens_as_unmerged": same,
-            "variants": [{"variant": v, "times": ts, "median_s": median(ts)} for v, ts in zip(job["variants"], times)]}
+            "variants": [{"variant": v, "times": times[v], "median_s": median(times[v])} for v in order]}
 
 
 def job_gen_memory(job: dict[str, Any]) -> dict[str, Any]:
@@ -434,9 +457,9 @@ def plan(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
     q = {"quick": True} if args.quick else {}
     groups: dict[str, dict[str, Any]] = {}
     if "matmul" in args.parts:
-        n = 256 if args.quick else 2048
-        groups["matmul"] = {"rounds": 1, "jobs": [{"part": "matmul", "dtype": "fp32", "n": n, "repeats": 5},
-                                                  {"part": "matmul", "dtype": "bf16", "n": min(n, 1024), "repeats": 2}]}
+        sizes = [128, 256] if args.quick else [1024, 2048, 3072]
+        groups["matmul"] = {"rounds": 1, "jobs": [{"part": "matmul", "dtype": "fp32", "sizes": sizes, "repeats": 5},
+                                                  {"part": "matmul", "dtype": "bf16", "sizes": [min(sizes[0], 512)], "repeats": 2}]}
     if "step" in args.parts:
         batch, seq = (2, 32) if args.quick else (args.batch, args.seq)
         for shape in ("gpt2", "llama"):
@@ -451,9 +474,8 @@ def plan(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
             groups[f"step-{shape}"] = {"rounds": 1, "jobs": jobs}
     if "gen" in args.parts:
         common = {"new_tokens": 8 if args.quick else args.new_tokens, **q}
-        variants = ["base", "merged", "unmerged"]
-        jobs = [{"part": "gen", **common, "repeats": args.gen_repeats, "variants": variants}]
-        jobs += [{"part": "gen-memory", **common, "variant": v} for v in variants]
+        jobs = [{"part": "gen", **common, "repeats": args.gen_repeats}]
+        jobs += [{"part": "gen-memory", **common, "variant": v} for v in ("base", "merged", "unmerged")]
         groups["gen"] = {"rounds": 1, "jobs": jobs}
     if "real" in args.parts:
         n, bs = (8, 4) if args.quick else (args.examples, 8)
@@ -500,15 +522,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--worker", help=argparse.SUPPRESS)
     p.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS), help="which parts to run (default: all)")
     p.add_argument("--rounds", type=int, default=2, help="alternation rounds per comparison (A B A B ...)")
-    p.add_argument("--steps", type=int, default=3, help="timed steps per fixed-shape job (after 1 warm-up step)")
+    p.add_argument("--steps", type=int, default=4, help="timed steps per fixed-shape job (after 1 warm-up step)")
     p.add_argument("--batch", type=int, default=4, help="fixed-shape batch size")
     p.add_argument("--seq", type=int, default=256, help="fixed-shape sequence length")
-    p.add_argument("--examples", type=int, default=96, help="real-data examples per run (one pass, batch 8)")
+    p.add_argument("--examples", type=int, default=48, help="real-data examples per run (one pass, batch 8)")
     p.add_argument("--levers", action="store_true", help="also peftkit with single levers switched off (real data; "
                    "for-loop AdamW in the Llama full FT step)")
     p.add_argument("--compile", action="store_true", help="step: also peftkit LoRA with train.compile (Llama shape)")
-    p.add_argument("--new-tokens", type=int, default=64, help="generation: new tokens")
-    p.add_argument("--gen-repeats", type=int, default=5, help="generation: timed generations per job")
+    p.add_argument("--new-tokens", type=int, default=32, help="generation: new tokens")
+    p.add_argument("--gen-repeats", type=int, default=4, help="generation: timed generations per job")
     p.add_argument("--threads", type=int, help="torch threads in every job (default: torch's choice, one per core); "
                    "on a CPU shared with other work, 1 avoids threads spinning while waiting for each other")
     p.add_argument("--quick", action="store_true", help="tiny models, in-process: a smoke run in seconds")
@@ -572,11 +594,12 @@ def report(results: dict[str, list[list[dict[str, Any]]]], info: dict[str, Any],
     model_name = "a tiny random Llama (--quick)" if quick else "smollm2-135m"
     peak = None
     if "matmul" in results:
-        fp32, bf16 = (median(r["gflops"] for r in runs) for runs in results["matmul"])
-        peak = fp32
-        n32, n16 = results["matmul"][0][0]["job"]["n"], results["matmul"][1][0]["job"]["n"]
-        lines += ["**Matmul peak** (best of 5, median over rounds): "
-                  f"fp32 {fp32:.0f} GFLOP/s ({n32}x{n32}), bf16 {bf16:.1f} GFLOP/s ({n16}x{n16}).", ""]
+        r32, r16 = results["matmul"][0][0], results["matmul"][1][0]
+        peak = r32["gflops"]
+        sizes = ", ".join(f"{n}: {g:.0f}" for n, g in r32["by_size"].items())
+        lines += [f"**Matmul peak** (square matmuls, best of 5 per size): fp32 {peak:.0f} GFLOP/s (by size: {sizes}); "
+                  f"bf16 {r16['gflops']:.1f} GFLOP/s ({r16['n']}x{r16['n']}; no native bf16 on this CPU, so no bf16 "
+                  "training is measured).", ""]
     real = [k for k in results if k.startswith("real-")]
     if real:
         lines += [f"**1. LoRA training on real data** ({model_name}, one pass over the same examples, batch 8, "
@@ -649,7 +672,7 @@ def report(results: dict[str, list[list[dict[str, Any]]]], info: dict[str, Any],
         variants = timing["variants"]
         lines += [f"**4. Generation latency** ({model_name}, greedy, {job0['new_tokens']} new tokens after a "
                   f"{timing['prompt_tokens']}-token prompt, batch 1; LoRA r 8 on q/v, random non-zero B; variants "
-                  f"interleaved in one process, {job0['repeats']} rounds: medians and medians of per-round ratios; "
+                  f"interleaved on one model changed in place, {job0['repeats']} rounds: medians and medians of per-round ratios; "
                   "peak memory from a process of its own per variant)", "",
                   "| model | s | ms/token | vs base | same tokens as unmerged | peak MB |", "|---|---:|---:|---:|---|---:|"]
         for i, v in enumerate(variants):

@@ -2,10 +2,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import peftkit
 from peftkit.data.collate import pad_batch
 from peftkit.data.template import Template
 from peftkit.data.tokenize import IGNORE
 from peftkit.eval.classify import classify, option_logprobs, option_tokens
+from peftkit.methods.llama_adapter import LlamaAdapterAttention, LlamaAdapterConfig
+from tests.tiny import perturb_adapters
 
 EXAMPLES = [
     {"instruction": "Classify the sentiment.", "input": "I loved it, wonderful.", "output": "positive"},
@@ -35,6 +38,26 @@ def test_cached_batched_scoring_equals_naive(tiny_lm, batch_size):
     template = Template.create(tok)
     got = option_logprobs(model, template, EXAMPLES, OPTIONS, batch_size=batch_size)
     torch.testing.assert_close(got, naive_scores(model, template, EXAMPLES, OPTIONS), atol=1e-3, rtol=1e-4)
+
+
+@pytest.mark.parametrize("batch_size", [1, 2, 16])
+def test_cached_batched_scoring_equals_naive_with_a_trained_llama_adapter(tiny_lm, batch_size):
+    """The scoring path (left-padded prompts, options continuing from a shared KV cache) gives the plain
+    full forward's log-probs for LLaMA-Adapter, whose prompt is attended outside the cache: gates open."""
+    model, tok = tiny_lm
+    template = Template.create(tok)
+    with torch.no_grad():
+        base = naive_scores(model, template, EXAMPLES, OPTIONS)
+    peftkit.inject(model, LlamaAdapterConfig(adapter_len=4))  # both layers, GQA (4 query / 2 key-value heads)
+    perturb_adapters(model, std=1.0)
+    layers = [m for m in model.modules() if isinstance(m, LlamaAdapterAttention)]
+    gates = [g.item() for m in layers for g in m.adaption_gate.values()]
+    assert len(gates) == 2 and min(abs(g) for g in gates) > 0.1
+    assert len({len(template.prompt_ids(ex)) for ex in EXAMPLES}) == 3  # batches of 2 and 16 are left padded
+    expected = naive_scores(model, template, EXAMPLES, OPTIONS)
+    assert (expected - base).abs().max() > 0.1  # the adapter really changes the scores
+    got = option_logprobs(model, template, EXAMPLES, OPTIONS, batch_size=batch_size)
+    torch.testing.assert_close(got, expected, atol=1e-3, rtol=1e-4)
 
 
 def test_classify_picks_the_option_the_model_was_taught(tiny_lm, tmp_path):

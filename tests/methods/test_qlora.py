@@ -311,3 +311,63 @@ def test_bad_storage_settings_name_the_field():
         QLoraConfig(base_dtype="fp16")
     with pytest.raises(ConfigError, match="method.quantize_head"):
         QLoraConfig(quantize_head="yes")
+
+
+def test_low_precision_head_matches_an_fp32_linear_in_blocks(monkeypatch):
+    """The bf16 head is cast up a block of rows at a time; values and gradients equal F.linear on the
+    upcast weight."""
+    import peftkit.methods.qlora as qlora
+
+    monkeypatch.setattr(qlora, "UPCAST_ROWS", 7)  # blocks that do not divide the 30 rows
+    lin = _linear(out_f=30, in_f=16)
+    lin.weight.data = lin.weight.data.to(torch.bfloat16)
+    lin.requires_grad_(False)  # QLoRA's base is frozen
+    head = qlora.LowPrecisionLinear(lin)
+    x = torch.randn(2, 5, 16, requires_grad=True)
+    y = head(x)
+    x_ref = x.detach().clone().requires_grad_(True)
+    ref = F.linear(x_ref, lin.weight.float(), lin.bias)
+    torch.testing.assert_close(y, ref, rtol=1e-6, atol=1e-6)
+    g = torch.randn_like(y)
+    y.backward(g)
+    ref.backward(g)
+    torch.testing.assert_close(x.grad, x_ref.grad, rtol=1e-6, atol=1e-6)
+    assert y.dtype == torch.float32 and head.weight.grad is None
+
+
+def test_second_adapter_keeps_the_first_and_the_quantized_base(tiny_llama):
+    """Two named QLoRA adapters on one model: both stay on every layer, over the same quantized base, and each
+    computes what a model with only that adapter computes."""
+    from peftkit.core.adapter import adapter_layers
+
+    model = tiny_llama.build()
+    peftkit.inject(model, QLoraConfig(r=4, alpha=8), "first")
+    perturb_adapters(model, "first", seed=1)
+    peftkit.inject(model, QLoraConfig(r=2, alpha=8), "second")
+    perturb_adapters(model, "second", seed=2)
+    layers = [layer for _, layer in adapter_layers(model)]
+    assert layers and all(sorted(layer.adapter_names()) == ["first", "second"] for layer in layers)
+    assert all(is_quantized(layer.base_layer) for layer in layers)
+    with_first = tiny_llama.run(model)
+    peftkit.set_active(model, "second")
+    with_second = tiny_llama.run(model)
+    assert (with_first - with_second).abs().max() > 1e-3
+
+    for name, seed, r, out in (("first", 1, 4, with_first), ("second", 2, 2, with_second)):
+        alone = tiny_llama.build()
+        peftkit.inject(alone, QLoraConfig(r=r, alpha=8), name)
+        perturb_adapters(alone, name, seed=seed)
+        torch.testing.assert_close(out, tiny_llama.run(alone), rtol=0, atol=1e-6)
+
+
+def test_second_adapter_must_match_the_quantized_base(tiny_llama):
+    model = tiny_llama.build()
+    peftkit.inject(model, QLoraConfig(r=4), "first")
+    with pytest.raises(ConfigError, match="method.bits=8"):
+        peftkit.inject(model, QLoraConfig(r=4, bits=8), "second")
+    with pytest.raises(ConfigError, match="method.quant_type=fp4"):
+        peftkit.inject(model, QLoraConfig(r=4, quant_type="fp4"), "second")
+    fp32 = tiny_llama.build()
+    peftkit.inject(fp32, peftkit.LoraConfig(r=4, target_modules="all-linear"), "plain")
+    with pytest.raises(ConfigError, match="unquantized layer"):
+        peftkit.inject(fp32, QLoraConfig(r=4), "second")

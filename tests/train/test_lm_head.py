@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 
 import peftkit
 from peftkit.data.collate import pack_batch, pad_batch
 from peftkit.data.tokenize import IGNORE
-from peftkit.train.lm_head import head_positions, labelled_positions
+from peftkit.train.lm_head import head_positions, labelled_positions, linear_cross_entropy_sum
 from peftkit.train.loop import lm_loss_sum
 from tests.tiny import VOCAB, build_gpt2, build_llama, perturb_adapters
 
@@ -123,3 +125,79 @@ def test_model_without_output_embeddings_gets_full_logits() -> None:
     a, n = lm_loss_sum(model, batch)
     b, m = lm_loss_sum(model, batch, labelled_only=False)
     assert n == m and float(a.detach()) == pytest.approx(float(b.detach()), rel=1e-6)
+
+
+# -- the fused head + cross-entropy (lm_head.linear_cross_entropy_sum, lm_loss_sum's default) ---------------
+
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("chunk_rows", [None, 3])
+def test_linear_cross_entropy_equals_plain_loss_and_gradients(bias: bool, chunk_rows: int | None) -> None:
+    g = torch.Generator().manual_seed(0)
+    hidden0, weight0 = torch.randn(10, 16, generator=g), torch.randn(VOCAB, 16, generator=g)
+    bias0, target = torch.randn(VOCAB, generator=g) if bias else None, torch.randint(VOCAB, (10,), generator=g)
+
+    def run(fused: bool) -> tuple[torch.Tensor, ...]:
+        h, w = hidden0.clone().requires_grad_(), weight0.clone().requires_grad_()
+        b = bias0.clone().requires_grad_() if bias else None
+        if fused:
+            loss = linear_cross_entropy_sum(h, w, b, target, chunk_rows)
+        else:
+            loss = torch.nn.functional.cross_entropy(torch.nn.functional.linear(h, w, b), target, reduction="sum")
+        (0.5 * loss).backward()  # backward scales the gradients made in forward
+        return loss.detach(), h.grad, w.grad, *((b.grad,) if bias else ())
+
+    plain = run(False)
+    for a, b in zip(run(True), plain, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    with torch.no_grad():  # the loss alone, by chunks
+        torch.testing.assert_close(linear_cross_entropy_sum(hidden0, weight0, bias0, target, chunk_rows), plain[0])
+
+
+def _full_ft_llama() -> torch.nn.Module:
+    return build_llama().train()  # untied head: its weight trains
+
+
+@pytest.mark.parametrize("build", [lambda: _lora(build_llama), lambda: _lora(build_gpt2), _full_ft_llama],
+                         ids=["llama-lora", "gpt2-lora-tied-head", "llama-full-ft"])
+@pytest.mark.parametrize("share_prefix", [False, True])
+def test_fused_loss_same_loss_and_grads_and_no_logits(build, share_prefix: bool) -> None:
+    model = build()
+    examples = _examples(3)
+    for e in examples:  # a shared 9-token prefix for the shared-prefix path
+        e["input_ids"] = [7] * 9 + e["input_ids"]
+        e["labels"] = [IGNORE] * 9 + e["labels"]
+    batch = pad_batch(examples, pad_id=0)
+    seen: list[torch.Size] = []
+    handle = model.lm_head.register_forward_hook(lambda m, args, out: seen.append(args[0].shape))  # what it ran on
+
+    def loss_and_grads(fused: bool) -> tuple[float, list[torch.Tensor]]:
+        model.zero_grad(set_to_none=True)
+        loss, _ = lm_loss_sum(model, batch, share_prefix=share_prefix, fused_loss=fused)
+        loss.backward()
+        return float(loss.detach()), [p.grad.clone() for p in model.parameters() if p.requires_grad]
+
+    plain_loss, plain_grads = loss_and_grads(False)
+    seen.clear()
+    for _ in range(2):
+        loss, grads = loss_and_grads(True)
+        assert loss == pytest.approx(plain_loss, rel=1e-5)
+        for g, h in zip(grads, plain_grads, strict=True):
+            torch.testing.assert_close(g, h, rtol=1e-5, atol=1e-6)
+    handle.remove()
+    # the head ran on a one-position probe once (the check), else on nothing: no logits were made
+    assert [s[1] for s in seen].count(1) == 1 and all(s[1] == 0 for s in seen if s[1] != 1)
+
+
+def test_model_that_changes_its_head_output_keeps_its_logits() -> None:
+    """A model applying something after its head (soft-capping, a scale): the loss uses its logits."""
+    model = _lora(build_llama)
+    batch = pad_batch(_examples(), pad_id=0)
+    model.register_forward_hook(lambda m, args, out: setattr(out, "logits", 30 * torch.tanh(out.logits / 30)) or out)
+    capped, _ = lm_loss_sum(model, batch, fused_loss=False)
+    with pytest.warns(UserWarning, match="changes its head's output"):
+        loss, _ = lm_loss_sum(model, batch, fused_loss=True)
+    assert float(loss.detach()) == pytest.approx(float(capped.detach()), rel=1e-6)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # decided once per model
+        again, _ = lm_loss_sum(model, batch, fused_loss=True)
+    assert float(again.detach()) == pytest.approx(float(capped.detach()), rel=1e-6)

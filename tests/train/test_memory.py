@@ -12,8 +12,9 @@ import pytest
 import torch
 
 from peftkit.core.inject import inject
+from peftkit.data.tokenize import IGNORE
 from peftkit.train.config import load_config
-from peftkit.train.memory import MB, measure_runtime_mb, predict_memory
+from peftkit.train.memory import MB, BatchShape, measure_runtime_mb, measure_shape, predict_memory
 
 METHODS = [
     ["method.name=lora"],
@@ -72,6 +73,104 @@ def test_layers_below_first_trainable_keep_nothing(hf_base_dir):
     assert bf16.activations < every.activations
 
 
+def _saved_in_layers(model: torch.nn.Module, run) -> int:
+    """Bytes autograd saves for backward inside the decoder layers during ``run()`` (unique storages, not weights)."""
+    inside, seen = [False], {}
+    weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        if inside[0]:
+            storage = t.untyped_storage()
+            if storage.data_ptr() not in weights:
+                seen[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    layers = model.model.layers
+    hooks = [layer.register_forward_pre_hook(lambda *a: inside.__setitem__(0, True)) for layer in layers]
+    hooks += [layer.register_forward_hook(lambda *a: inside.__setitem__(0, False)) for layer in layers]
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            run()
+    finally:
+        for h in hooks:
+            h.remove()
+    return sum(seen.values())
+
+
+@pytest.mark.parametrize("overrides", [["method.name=lora"], ["method.name=lora", "method.target_modules=all-linear"],
+                                       ["method.name=full"], ["method.name=prompt_tuning"], ["method.name=qlora"],
+                                       ["method.name=ia3"], ["method.name=selective", "method.kinds=[norm]"]],
+                         ids=lambda o: "-".join(x.split("=")[1] for x in o))
+def test_layer_activations_match_what_autograd_saves(hf_base_dir, overrides):
+    """The per-layer count (frozen layer + what trains in it) against the tensors autograd really keeps."""
+    from transformers import AutoModelForCausalLM
+
+    from peftkit.train.loop import lm_loss_sum
+
+    cfg = load_config(None, [f"model={hf_base_dir('llama')}", "train.batch_size=4", "train.precision=fp32", *overrides])
+    model = AutoModelForCausalLM.from_pretrained(hf_base_dir("llama"))
+    inject(model, cfg.method_config())
+    model.train()
+    ids = torch.randint(0, 100, (4, 24), generator=torch.Generator().manual_seed(0))  # (B, T)
+    mask = torch.ones_like(ids)
+    mask[0, -4:] = 0  # a padded row: the attention mask path, as in training
+    labels = torch.full_like(ids, IGNORE)
+    labels[:, -6:-3] = ids[:, -6:-3]  # 3 labelled positions per row
+    batch = {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    saved = _saved_in_layers(model, lambda: lm_loss_sum(model, batch, share_prefix=False))
+    pred = predict_memory(cfg, model, BatchShape(rows=4, width=24, labelled=3))
+    logits = 4 * 3 * model.config.vocab_size * (4 + 4 + 4)
+    assert abs(pred.activations * MB - logits - saved) / saved < 0.1, (pred.activations * MB - logits, saved)
+
+
+def _example(ids: list[int], first_label: int) -> dict[str, list[int]]:
+    return {"input_ids": ids, "labels": [IGNORE] * first_label + ids[first_label:]}
+
+
+def test_batch_shape_is_measured_on_the_examples():
+    common = list(range(100, 112))  # 12 tokens every example starts with (a template's system prompt)
+    examples = [_example(common + [1, 2, 3, 4], 14), _example(common + [5, 6, 7, 8, 9, 10], 13),
+                _example(common + [11, 12, 13], 13)]
+    shape = measure_shape(examples, batch_size=8, shared=True)
+    assert (shape.rows, shape.width, shape.labelled) == (3, 18, 5)  # the second row: positions 13-17 labelled
+    assert shape.shared_prefix == 12  # bounded by the earliest label (13) - 1 and the shortest row (15) - 1
+    assert measure_shape(examples, 2, shared=False).shared_prefix == 0  # the run did not share prefixes
+    short = [_example([100, 101, 102, 103, 104, 1], 5), _example([100, 101, 102, 103, 104, 2], 5)]
+    assert measure_shape(short, 2, shared=True).shared_prefix == 0  # 4 < MIN_PREFIX: not worth a second call
+    unlabelled = [{"input_ids": [1, 2, 3, 4, 5]}]  # plain text: every token is a label
+    assert measure_shape(unlabelled, 4, shared=False).labelled == 4
+
+
+def test_narrower_batches_and_shared_prefixes_predict_less(hf_base_dir):
+    cfg = load_config(None, [f"model={hf_base_dir('llama')}", "method.name=lora", "train.batch_size=8", "data.max_length=64"])
+    assumed = predict_memory(cfg)  # rows of max_length, a quarter labelled
+    assert (assumed.width, assumed.labelled, assumed.shared_prefix) == (64, 16, 0) and assumed.data.startswith("assumed")
+    narrow = predict_memory(cfg, shape=BatchShape(8, 40, 3))
+    shared = predict_memory(cfg, shape=BatchShape(8, 40, 3, shared_prefix=20))
+    assert assumed.activations > narrow.activations > shared.activations
+    assert shared.allocator == pytest.approx(0.5 * shared.activations)
+
+
+def test_allocator_share_is_zero_when_glibc_returns_freed_blocks(hf_base_dir, monkeypatch):
+    monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "131072")
+    pred = predict_memory(load_config(None, [f"model={hf_base_dir('llama')}", "method.name=lora"]))
+    assert pred.allocator == 0 and pred.activations > 0
+
+
+def test_cli_measures_the_data_unless_told_not_to(tiny_lm_dir, capsys):
+    from peftkit.cli.main import main
+
+    base = ["memory", f"model={tiny_lm_dir}", "method.name=lora", "data.max_length=128", "data.max_train_examples=40", "--json"]
+    assert main(base) == 0
+    measured = json.loads(capsys.readouterr().out)
+    assert measured["data"] == "measured on 40 of 10201 training examples"  # rotten-tomatoes' train split
+    assert 40 < measured["width"] < 128 and measured["labelled"] <= 4 and measured["shared_prefix"] > 8
+    assert main([*base, "--no-data"]) == 0
+    assumed = json.loads(capsys.readouterr().out)
+    assert assumed["data"].startswith("assumed") and assumed["width"] == 128
+    assert assumed["activations"] > measured["activations"]
+
+
 def test_cli_prints_breakdown(hf_base_dir, capsys):
     from peftkit.cli.main import main
 
@@ -117,8 +216,15 @@ def test_prediction_matches_peak_rss_tiny_lm(tiny_lm_dir, tmp_path, method):
     assert abs(predicted - measured) / measured < 0.25, (predicted, measured)
 
 
+#: rotten-tomatoes as people train it: batch 8, rows up to 128 tokens (~73 on average, 39 of them a prefix every
+#: row shares), 2 steps over 16 examples (every batch the prediction is about is run)
+REALISTIC = ["train.max_steps=2", "train.eval_every=0", "train.save_every=0", "train.warmup_steps=0", "train.batch_size=8",
+             "data.max_length=128", "data.max_train_examples=16", "data.max_validation_examples=4", "train.threads=1"]
+
+
 @pytest.mark.slow
+@pytest.mark.parametrize("settings", [SHORT, REALISTIC], ids=["short", "realistic"])
 @pytest.mark.parametrize("method", ["lora", "qlora"])
-def test_prediction_matches_peak_rss_smollm2(tmp_path, method):
-    predicted, measured = _train_peak(tmp_path, [f"method.name={method}", *SHORT])
+def test_prediction_matches_peak_rss_smollm2(tmp_path, method, settings):
+    predicted, measured = _train_peak(tmp_path, [f"method.name={method}", *settings])
     assert abs(predicted - measured) / measured < 0.25, (predicted, measured)

@@ -47,12 +47,13 @@ def _assert_same(model: nn.Module, batch: dict[str, torch.Tensor]) -> None:
 
 
 @pytest.mark.parametrize("build", [build_llama, build_gpt2], ids=["llama", "gpt2"])
-@pytest.mark.parametrize("method", ["lora", "full", "prompt_tuning", "prefix_tuning"])
+@pytest.mark.parametrize("method", ["lora", "full", "prompt_tuning", "prefix_tuning", "llama_adapter"])
 def test_same_loss_and_grads_as_plain_forward(build, method: str) -> None:
     model = build()
     config = {"lora": peftkit.LoraConfig(r=4, target_modules="all-linear"), "full": peftkit.FullConfig(),
               "prompt_tuning": peftkit.PromptTuningConfig(num_virtual_tokens=3),
-              "prefix_tuning": peftkit.PrefixTuningConfig(num_virtual_tokens=3)}[method]
+              "prefix_tuning": peftkit.PrefixTuningConfig(num_virtual_tokens=3),
+              "llama_adapter": peftkit.LlamaAdapterConfig(adapter_len=3)}[method]  # perturbed: gates open
     peftkit.inject(model, config)
     if method != "full":
         perturb_adapters(model)
@@ -117,14 +118,15 @@ def test_a_model_that_disagrees_keeps_the_plain_forward(monkeypatch) -> None:
         return logits + 1.0 * torch.arange(logits.shape[-1]) / logits.shape[-1], selected
 
     monkeypatch.setattr("peftkit.train.loop.shared_prefix_logits", wrong)
-    plain, _ = lm_loss_sum(model, batch, share_prefix=False)
+    # fused_loss=False: the loss is taken from the (wrong) logits, not from the head's input
+    plain, _ = lm_loss_sum(model, batch, share_prefix=False, fused_loss=False)
     with pytest.warns(UserWarning, match="shared-prefix forward gave loss"):
-        loss, _ = lm_loss_sum(model, batch)
+        loss, _ = lm_loss_sum(model, batch, fused_loss=False)
     assert sp._CHECKED.get(model) is False
     assert float(loss.detach()) == pytest.approx(float(plain.detach()), rel=1e-6)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # decided once: no second check, no second warning
-        lm_loss_sum(model, batch)
+        lm_loss_sum(model, batch, fused_loss=False)
 
 
 def test_bf16_autocast_passes_the_check() -> None:

@@ -266,15 +266,19 @@ def _memory(sub: Any) -> None:
     p.add_argument("config", nargs="?", help="YAML config (default: built-in defaults)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, as for `peftkit train`")
     p.add_argument("--json", action="store_true", help="print JSON")
+    p.add_argument("--no-data", action="store_true",
+                   help="do not read the training data: assume rows of data.max_length tokens, a quarter of them "
+                        "labelled, no shared prefix (default: measure the batch shape on a sample of the examples)")
     p.set_defaults(handler=run_memory)
 
 
 def run_memory(args: argparse.Namespace) -> int:
     from peftkit.train.config import load_config
-    from peftkit.train.memory import predict_memory
+    from peftkit.train.memory import build_meta_model, data_shape, predict_memory
 
     cfg = load_config(*_config_and_overrides(args))
-    pred = predict_memory(cfg)
+    model = build_meta_model(cfg)
+    pred = predict_memory(cfg, model, None if args.no_data else data_shape(cfg, model))
     if args.json:
         print(json.dumps(pred.to_dict()))
     else:

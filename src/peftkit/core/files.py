@@ -22,6 +22,7 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
     try:
         yield tmp
+        _usual_permissions(tmp)
         _fsync_tree(tmp)
         old = None
         if path.exists():
@@ -58,6 +59,16 @@ def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+def _usual_permissions(root: Path) -> None:
+    """Give a folder about to be published the permissions a plain ``mkdir``/``open`` would have: ``mkdtemp``
+    makes it 0700, and safetensors writes its files 0600."""
+    mask = _umask()
+    os.chmod(root, 0o777 & ~mask)
+    for p in root.rglob("*"):
+        if not p.is_symlink():
+            os.chmod(p, (0o777 if p.is_dir() else 0o666) & ~mask)
 
 
 def _fsync_tree(root: Path) -> None:

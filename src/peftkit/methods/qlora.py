@@ -177,8 +177,12 @@ def quantize_base(model: nn.Module, config: QLoraConfig,
             meta and are only marked with the bytes they would take (``peftkit_stored_bytes``, for
             ``peftkit memory``).
 
+    A layer an earlier QLoRA adapter wraps is already quantized and stays as it is (the wrapper keeps that
+    adapter; the new one is added beside it).
+
     Raises:
-        ConfigError: a GPT-2 ``Conv1D`` layer (bitsandbytes quantizes ``nn.Linear``).
+        ConfigError: a GPT-2 ``Conv1D`` layer (bitsandbytes quantizes ``nn.Linear``); a layer quantized otherwise
+            (``bits``/``quant_type``) by an earlier adapter; a layer an fp32 method already wraps.
     """
     names = find_targets(model, "all-linear", config.exclude, accept=lambda m: isinstance(m, nn.Linear) or
                          type(m).__name__ == "Conv1D")
@@ -187,10 +191,15 @@ def quantize_base(model: nn.Module, config: QLoraConfig,
         names.append(head)
     for name in names:
         module = model.get_submodule(name)
-        if type(module).__name__ == "Conv1D":
+        base = getattr(module, "base_layer", module)  # find_targets names a wrapped layer by its wrapper
+        if type(base).__name__ == "Conv1D":
             raise ConfigError(f"QLoRA quantizes nn.Linear layers; {name!r} is a GPT-2 Conv1D (use lora for this model)")
-        if is_quantized(module):
+        if is_quantized(base):
+            _check_same_quantization(name, base, config)
             continue
+        if base is not module:
+            raise ConfigError(f"module {name!r} is a {type(module).__name__} around an unquantized layer (an fp32 "
+                              "adapter, or a merged one): QLoRA cannot quantize under it; inject QLoRA first")
         shared = name == head and _tied_to_input(model, module)
         if name == head:
             module = _own_linear(module)  # a tied head gets a weight of its own: the embedding stays as it is
@@ -211,6 +220,18 @@ def quantize_base(model: nn.Module, config: QLoraConfig,
     _own_storage(model)
     _trim_heap()
     return names
+
+
+def _check_same_quantization(name: str, layer: nn.Module, config: QLoraConfig) -> None:
+    """A second adapter adds to the quantized base as it is: its storage settings must be the base's."""
+    import bitsandbytes as bnb
+
+    bits = 4 if isinstance(layer, bnb.nn.Linear4bit) else 8
+    if bits != config.bits:
+        raise ConfigError(f"method.bits={config.bits}: {name!r} is already quantized to {bits} bits by an earlier adapter")
+    quant_type = getattr(layer.weight, "quant_type", config.quant_type) if bits == 4 else config.quant_type
+    if quant_type != config.quant_type:
+        raise ConfigError(f"method.quant_type={config.quant_type}: {name!r} is already stored as {quant_type} by an earlier adapter")
 
 
 def _head_name(model: nn.Module) -> str | None:
@@ -235,20 +256,30 @@ def _own_linear(linear: nn.Linear) -> nn.Linear:
     return linear
 
 
+UPCAST_ROWS = 4096  # weight rows cast up at a time: 32 MB of fp32 for a 2048-wide head
+
+
 class _UpcastLinear(torch.autograd.Function):
-    """y = x·W^T with a frozen low-precision W cast to x's dtype in forward and again in backward: the
-    full-precision copy exists only during each matmul (``F.linear(x, W.float())`` would keep it for
-    backward)."""
+    """y = x·W^T with a frozen low-precision W cast to x's dtype in blocks of ``UPCAST_ROWS`` rows, in forward
+    and again in backward: at most one block in full precision exists at a time (``F.linear(x, W.float())``
+    would hold the whole fp32 copy, 262 MB for a 32k x 2048 head, and keep it for backward)."""
 
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         ctx.save_for_backward(weight)
-        return x @ weight.to(x.dtype).T  # (..., in) @ (in, out) -> (..., out)
+        out = x.new_empty(*x.shape[:-1], weight.shape[0])  # (..., out)
+        for i in range(0, weight.shape[0], UPCAST_ROWS):
+            out[..., i:i + UPCAST_ROWS] = x @ weight[i:i + UPCAST_ROWS].to(x.dtype).T  # (..., rows)
+        return out
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
         (weight,) = ctx.saved_tensors
-        return grad @ weight.to(grad.dtype), None  # (..., out) @ (out, in) -> (..., in)
+        grad_x = None
+        for i in range(0, weight.shape[0], UPCAST_ROWS):
+            part = grad[..., i:i + UPCAST_ROWS] @ weight[i:i + UPCAST_ROWS].to(grad.dtype)  # (..., in)
+            grad_x = part if grad_x is None else grad_x.add_(part)
+        return grad_x, None
 
 
 class LowPrecisionLinear(nn.Linear):

@@ -37,7 +37,7 @@ from peftkit.train.checkpoint import (
 )
 from peftkit.train.compile import compile_blocks
 from peftkit.train.config import TrainConfig
-from peftkit.train.lm_head import head_positions, labelled_positions
+from peftkit.train.lm_head import HeadCapture, head_positions, labelled_positions
 from peftkit.train.shared_prefix import can_share, checked, shared_prefix_len, shared_prefix_logits
 from peftkit.train.distributed import SINGLE, Dist, full_trainable_params, is_sharded, local_value, no_sync, shard, wrap
 from peftkit.train.tracking import Tracker, peak_memory_mb
@@ -97,7 +97,7 @@ def model_device(model: nn.Module) -> torch.device:
 
 
 def lm_loss_sum(model: nn.Module, batch: dict[str, torch.Tensor], labelled_only: bool = True,
-                share_prefix: bool = True) -> tuple[torch.Tensor, int]:
+                share_prefix: bool = True, fused_loss: bool = False) -> tuple[torch.Tensor, int]:
     """Summed next-token cross-entropy over labelled positions, and how many there were.
 
     Args:
@@ -105,6 +105,9 @@ def lm_loss_sum(model: nn.Module, batch: dict[str, torch.Tensor], labelled_only:
             :mod:`peftkit.train.lm_head`): the same loss, without the head's work and fp32 logits elsewhere.
         share_prefix: run the leading tokens every row shares once for the batch (see
             :mod:`peftkit.train.shared_prefix`): the same loss, checked once per model.
+        fused_loss: with ``labelled_only``, run the head and the cross-entropy together by chunks of positions,
+            gradients made in the same pass (:func:`peftkit.train.lm_head.linear_cross_entropy_sum`): the same
+            loss without (N, V) logits, where the head is a plain ``nn.Linear`` whose output the model returns.
     """
     labels = batch["labels"]
     inputs = {k: v for k, v in batch.items() if k != "labels"}
@@ -116,20 +119,24 @@ def lm_loss_sum(model: nn.Module, batch: dict[str, torch.Tensor], labelled_only:
         rows = (target != IGNORE).sum(dim=1).topk(2).indices.sort().values
         two, two_target = {k: v[rows] for k, v in inputs.items()}, target[rows]
         n_two = int((two_target != IGNORE).sum())
-        if checked(model, lambda: (_plain_loss_sum(model, two, two_target, True), n_two),
-                   lambda: (_prefix_loss_sum(model, two, two_target, prefix), n_two)):
-            return _prefix_loss_sum(model, inputs, target, prefix), n
-    return _plain_loss_sum(model, inputs, target, labelled_only), n
+        if checked(model, lambda: (_plain_loss_sum(model, two, two_target, True, fused_loss), n_two),
+                   lambda: (_prefix_loss_sum(model, two, two_target, prefix, fused_loss), n_two)):
+            return _prefix_loss_sum(model, inputs, target, prefix, fused_loss), n
+    return _plain_loss_sum(model, inputs, target, labelled_only, fused_loss), n
 
 
 def _plain_loss_sum(model: nn.Module, inputs: dict[str, torch.Tensor], target: torch.Tensor,
-                    labelled_only: bool) -> torch.Tensor:
+                    labelled_only: bool, fused_loss: bool = False) -> torch.Tensor:
     """One model call over the whole batch; the head only at labelled positions when it can follow that."""
     seq = target.shape[1] + 1
     if labelled_only:
         index, picked = labelled_positions(target)  # (B, K) each
-        with head_positions(model, index, seq) as applied:
-            logits = model(**inputs, use_cache=False).logits  # (B, K, V) if applied, else (B, T, V)
+        capture = HeadCapture.for_model(model) if fused_loss else None
+        with head_positions(model, index, seq, capture) as applied:
+            logits = model(**inputs, use_cache=False).logits  # (B, 1 or 0, V) if captured, (B, K, V) if applied, else (B, T, V)
+        if capture is not None and capture.hidden is not None:
+            loss = capture.loss_sum(model, logits, picked)
+            return loss if loss is not None else _plain_loss_sum(model, inputs, target, labelled_only)
         if applied[0] and logits.shape[1] == index.shape[1]:
             return _cross_entropy_sum(logits, picked)
         if logits.shape[1] != seq:  # the model did something the selection cannot follow
@@ -140,9 +147,14 @@ def _plain_loss_sum(model: nn.Module, inputs: dict[str, torch.Tensor], target: t
     return _cross_entropy_sum(logits, F.pad(target, (0, 1), value=IGNORE))
 
 
-def _prefix_loss_sum(model: nn.Module, inputs: dict[str, torch.Tensor], target: torch.Tensor, prefix: int) -> torch.Tensor:
+def _prefix_loss_sum(model: nn.Module, inputs: dict[str, torch.Tensor], target: torch.Tensor, prefix: int,
+                     fused_loss: bool = False) -> torch.Tensor:
     index, picked = labelled_positions(target)  # (B, K), labelled positions all >= prefix
-    logits, selected = shared_prefix_logits(model, inputs, prefix, index.clamp(min=prefix))  # fillers: any position
+    capture = HeadCapture.for_model(model) if fused_loss else None
+    logits, selected = shared_prefix_logits(model, inputs, prefix, index.clamp(min=prefix), capture)  # fillers: any position
+    if capture is not None and capture.hidden is not None:
+        loss = capture.loss_sum(model, logits, picked)
+        return loss if loss is not None else _prefix_loss_sum(model, inputs, target, prefix)
     if selected:
         return _cross_entropy_sum(logits, picked)  # (B, K, V) vs (B, K)
     return _cross_entropy_sum(logits, F.pad(target, (0, 1), value=IGNORE)[:, prefix:])  # (B, T-P, V)

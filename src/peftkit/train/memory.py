@@ -3,23 +3,39 @@
 The model is built on the meta device from its ``AutoConfig`` and the method is attached, so every
 parameter's count, dtype and ``requires_grad`` are exact; only activations are estimated::
 
-    total = runtime + weights + gradients + optimizer + activations
+    total = runtime + weights + gradients + optimizer + activations + allocator
     weights     = sum(numel x element size)          over all (unique) parameters and buffers
     gradients   = sum(numel x element size)          over trainable parameters (fp32 adapters over any base)
     optimizer   = sum(2 x numel x element size)      AdamW's exp_avg and exp_avg_sq, in the parameter's dtype
     activations = layers_with_backward x B x T x per_token_layer + logits (+ one layer in flight)
+    allocator   = ALLOCATOR_SLACK x activations (+ DEQUANT_SLACK x dequantized copies)   what glibc's heap keeps
 
 ``per_token_layer`` counts the tensors a decoder layer saves for backward (fp32; bf16 autocast halves the
-matmul outputs): ~10 hidden + 4 intermediate + 2 kv-width values per token, plus the attention
-weights (heads x T) that the CPU math attention kernel keeps when there is a padding mask. Layers below
+matmul outputs), measured per method with ``torch.autograd.graph.saved_tensors_hooks``: a frozen layer keeps
+6 hidden + 3 intermediate values per token (norm inputs, q, keys and values expanded to every head, the
+attention output, the MLP's gate/activation/up), and each trained or adapted part adds its input (LoRA on q/v:
+7h + 3i; on every linear layer: 8h + 4i; full fine-tuning: 10h + 4i; see :func:`_trained_inputs`). Layers below
 the first trainable parameter keep nothing for backward when nothing below them trains (LoRA on the
 upper layers, linear probe); anything trained at the input side (soft prompts, embeddings, prefixes,
 a method in layer 0) needs every layer. Gradient checkpointing keeps only each layer's input plus one
 layer recomputed during backward. The logits add (B, K, V) three times: the logits, the fp32 copy
 passed to cross-entropy and its log-softmax (in backward: the log-softmax and two gradients), where K is
-the positions the head runs at: all T when the loss covers every token (``data.train_on_prompt``, plain
-text), else only the labelled ones (:mod:`peftkit.train.lm_head`), taken as T/4 since the prediction does
-not read the data (a rotten-tomatoes answer is ~3 tokens; a chat reply can fill most of the row).
+the positions the head runs at (:mod:`peftkit.train.lm_head`: only the labelled ones).
+
+What B, T and K are comes from the data (:class:`BatchShape`): the loop pads each batch to its longest row,
+not to ``data.max_length``, runs the leading tokens every row shares once per batch
+(:mod:`peftkit.train.shared_prefix`: a chat template's system prompt and the instruction, ~39 of a
+rotten-tomatoes row's ~73 tokens) and the head only at labelled positions (~3 per row there). With a shared
+prefix of P tokens a layer keeps ``(B x (T - P) + P) x per_token_layer`` (keys and values: B x T); an embedding
+soft prompt's virtual tokens are part of P. ``peftkit train`` measures the shape on its encoded training
+examples: T = the longest example (the widest batch a run can meet), K = the most labels in one example, P = the
+prefix all examples share (a batch shares at least that much), counted only when the run did share prefixes.
+``peftkit memory`` measures it on a seeded sample of the same examples (the first ``SAMPLE_EXAMPLES`` of the
+training order) when the tokenizer and data can be read, and otherwise (or with ``--no-data``) assumes rows of
+``data.max_length`` tokens, a quarter of them labelled (all with ``data.train_on_prompt`` or plain text) and no
+shared prefix: an upper bound for short-answer data (smollm2-135m + LoRA on rotten-tomatoes, batch 8 x 128:
+2.70 GB assumed; 1.58 GB measured on the 16 examples of a 2-step run that peaked at 1.42-1.51 GB; 1.95 GB on a
+2000-example sample, for a whole run).
 
 ``runtime`` is the resident size of the Python + torch + transformers + peftkit stack before any model
 is loaded (measured: :func:`measure_runtime_mb`).
@@ -27,9 +43,13 @@ is loaded (measured: :func:`measure_runtime_mb`).
 
 from __future__ import annotations
 
+import dataclasses
+import os
+import random
 import re
 import subprocess
 import sys
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -44,9 +64,28 @@ MB = 2**20
 #: The tokenizer and the data fit in what that probe over-counts (a tiny-model run peaked at 556 MB
 #: with ~150 MB of logits).
 RUNTIME_MB = 420.0
+#: what bitsandbytes adds to the process of a quantized base (QLoRA). Its import alone adds ~110 MB to a fresh
+#: stack, but partly into memory freed after loading: measured on smollm2-135m, a QLoRA process's resident base
+#: (everything but weights, before the first step) was 45-60 MB above a LoRA process's.
+BITSANDBYTES_MB = 60.0
 #: bitsandbytes' CPU quantization of one layer allocates ~5.4x the layer's fp32 size in temporaries (measured:
 #: +238 MB peak for a 2048 x 5632 layer, 44 MB in fp32); with the fp32 layer itself, ~6x.
 QUANTIZE_TRANSIENT = 6
+#: what glibc's heap holds beyond the live tensors, as a share of the activations. A step frees its activations in
+#: another order than it made them, and glibc (whose mmap threshold rises to 32 MB once a large block is freed)
+#: serves nearly all of them from a heap that fragments and keeps what it once held. Measured on smollm2-135m,
+#: batch 8 (peak RSS under glibc's defaults minus the peak with ``MALLOC_MMAP_THRESHOLD_=131072``, which returns
+#: freed blocks at once): after 6-10 steps 0.47 x activations (LoRA q/v), 0.59 (LoRA, every linear layer), 0.71
+#: (QLoRA); ~0.25-0.45 after 1-2 steps. Fixing the threshold in ``peftkit train`` was measured and rejected: the
+#: page faults of fresh mmapped blocks made steps 40-80% slower on this machine.
+ALLOCATOR_SLACK = 0.5
+#: the same for a quantized base's dequantized fp32 copies (each quantized weight twice a step), as a share of
+#: their total size; copies above glibc's largest mmap threshold (32 MB) are mmapped and handed back at once.
+#: Measured: QLoRA's slack was ~100 MB above LoRA-on-every-linear's on smollm2-135m (425 MB of such copies).
+DEQUANT_SLACK = 0.25
+_MMAP_THRESHOLD_MAX = 32 * MB  # glibc on 64-bit
+#: training examples ``peftkit memory`` encodes to measure the batch shape (~1 s with a fast tokenizer)
+SAMPLE_EXAMPLES = 2000
 
 _LAYER_RE = re.compile(r"\.(?:layers|h|layer|block)\.(\d+)\.")
 _PROBE = "import torch, transformers, datasets, peftkit.train.run, peftkit.cli.commands; " \
@@ -62,20 +101,26 @@ class MemoryBreakdown:
         gradients: one fp32 gradient per trainable parameter.
         optimizer: AdamW's two fp32 states per trainable parameter.
         activations: tensors saved for backward, plus the logits and their gradient.
-        runtime: the Python/torch/transformers process before the model is loaded.
+        allocator: freed memory glibc's heap keeps (:data:`ALLOCATOR_SLACK` x activations, + :data:`DEQUANT_SLACK`
+            x a quantized base's dequantized copies; 0 when the process runs with ``MALLOC_MMAP_THRESHOLD_``,
+            which hands freed blocks back to the OS).
+        runtime: the Python/torch/transformers process before the model is loaded (+ bitsandbytes for a
+            quantized base).
         loading: the peak while loading: runtime + the fp32 checkpoint; for a quantized base (QLoRA),
             which is quantized layer by layer with each layer's file pages released once it is done,
             runtime + the quantized weights + the largest layer's quantization temporaries.
-        total: the larger of loading and runtime + weights + gradients + optimizer + activations.
+        total: the larger of loading and runtime + weights + gradients + optimizer + activations + allocator.
         trainable_params / frozen_params: parameter counts.
         layers_with_backward: decoder layers whose activations are kept for backward.
-        tokens: batch_size x max_length (+ virtual tokens) of one micro-batch.
+        tokens: rows x width (+ virtual tokens) of the largest micro-batch.
+        width / labelled / shared_prefix / data: the :class:`BatchShape` the activations were computed for.
     """
 
     weights: float
     gradients: float
     optimizer: float
     activations: float
+    allocator: float
     runtime: float
     loading: float
     total: float
@@ -83,18 +128,136 @@ class MemoryBreakdown:
     frozen_params: int
     layers_with_backward: int
     tokens: int
+    width: int = 0
+    labelled: int = 0
+    shared_prefix: int = 0
+    data: str = ""
 
     def to_dict(self) -> dict[str, Any]:
         return {k: round(v, 1) if isinstance(v, float) else v for k, v in asdict(self).items()}
 
     def __str__(self) -> str:
         rows = [("weights", self.weights), ("gradients", self.gradients), ("optimizer states", self.optimizer),
-                ("activations", self.activations), ("runtime (python/torch)", self.runtime), ("peak while loading", self.loading),
+                ("activations", self.activations), ("allocator (glibc heap)", self.allocator),
+                ("runtime (python/torch)", self.runtime), ("peak while loading", self.loading),
                 ("total (peak)", self.total)]
         lines = [f"  {name:24s} {value:10,.1f} MB" for name, value in rows]
         lines.append(f"  trainable {self.trainable_params:,} / frozen {self.frozen_params:,} params; "
                      f"{self.layers_with_backward} layer(s) keep activations; {self.tokens} tokens per micro-batch")
+        if self.data:
+            lines.append(f"  rows up to {self.width} tokens, {self.labelled} labelled, {self.shared_prefix}-token "
+                         f"shared prefix ({self.data})")
         return "\n".join(lines)
+
+
+@dataclass(frozen=True)
+class BatchShape:
+    """The largest micro-batch of a run, as its activations see it (see the module docstring).
+
+    Attributes:
+        rows: examples per micro-batch (B).
+        width: tokens per row of the widest micro-batch (T): batches are padded to their longest row.
+        labelled: the most labelled positions in one row (K): where the LM head runs.
+        shared_prefix: leading tokens every row shares, run once per batch (P; 0 when not shared).
+        source: where the figures come from (``assumed ...`` or ``measured on N examples``).
+    """
+
+    rows: int
+    width: int
+    labelled: int
+    shared_prefix: int = 0
+    source: str = "assumed"
+
+
+def assumed_shape(cfg: RunConfig, why: str = "") -> BatchShape:
+    """The shape without looking at the data: rows of ``data.max_length``, a quarter labelled (all of them
+    when every token is), nothing shared."""
+    t = cfg.data.max_length
+    every = cfg.data.train_on_prompt or cfg.data.format == "text"
+    note = f"assumed: rows of {t} tokens, {'all' if every else 'a quarter'} labelled, no shared prefix"
+    return BatchShape(cfg.train.batch_size, t, t if every else max(1, t // 4), 0, note + (f" ({why})" if why else ""))
+
+
+def measure_shape(examples: Sequence[dict[str, list[int]]], batch_size: int, shared: bool,
+                  source: str | None = None) -> BatchShape:
+    """The shape of the largest micro-batch ``examples`` can form (tokenized, as the loop gets them).
+
+    Args:
+        examples: ``input_ids`` and ``labels`` (IGNORE where unlabelled; no labels: every token is one).
+        batch_size: examples per micro-batch.
+        shared: whether the run shares batch prefixes (:func:`peftkit.train.shared_prefix.was_shared`).
+        source: the description stored in the shape (default: ``measured on N examples``).
+    """
+    from peftkit.data.tokenize import IGNORE
+    from peftkit.train.shared_prefix import MIN_PREFIX
+
+    width = max(len(e["input_ids"]) for e in examples)
+    labels = [e.get("labels", e["input_ids"]) for e in examples]
+    labelled = max(sum(1 for x in lab[1:] if x != IGNORE) for lab in labels)  # label t is read from position t-1
+    prefix = 0
+    if shared and len(examples) > 1:
+        first = examples[0]["input_ids"]
+        prefix = min(len(e["input_ids"]) for e in examples) - 1  # one position of every row is left after it
+        for e in examples:
+            ids = e["input_ids"]
+            prefix = next((j for j in range(prefix) if ids[j] != first[j]), prefix)
+        first_label = min((next((j for j, x in enumerate(lab) if x != IGNORE), len(lab)) for lab in labels))
+        prefix = min(prefix, first_label - 1)  # no logit is needed inside the prefix (shared_prefix_len)
+        prefix = prefix if prefix >= MIN_PREFIX else 0
+    return BatchShape(min(batch_size, len(examples)), width, max(labelled, 1), prefix,
+                      source or f"measured on {len(examples)} examples")
+
+
+def expects_shared_prefix(cfg: RunConfig, model: nn.Module) -> bool:
+    """Whether a run of ``cfg`` would share batch prefixes: what :func:`peftkit.train.shared_prefix.can_share`
+    decides in training mode (every registered method passed the first-use check on a tiny Llama, soft prompts
+    included)."""
+    from peftkit.train.shared_prefix import can_share
+
+    if cfg.train.gradient_checkpointing or cfg.train.distributed in ("ddp", "fsdp") or cfg.data.packing:
+        return False
+    was_training = model.training
+    model.train()
+    try:
+        return can_share(model)
+    finally:
+        model.train(was_training)
+
+
+def data_shape(cfg: RunConfig, model: nn.Module, limit: int = SAMPLE_EXAMPLES) -> BatchShape:
+    """The batch shape measured on (a sample of) the run's training data, for ``peftkit memory``.
+
+    The examples are the first ``limit`` of the run's training order (the same seeded shuffle as
+    ``peftkit train`` with ``data.max_train_examples``), encoded with the model's tokenizer and the run's template.
+    Falls back to :func:`assumed_shape` (saying why) for what it does not read: task types other than
+    ``causal_lm``, packing, ``data.tasks``, or a tokenizer or data that cannot be loaded.
+    """
+    if cfg.task != "causal_lm" or cfg.data.packing or cfg.data.tasks:
+        return assumed_shape(cfg, f"task {cfg.task}" if cfg.task != "causal_lm" else
+                             "packing" if cfg.data.packing else "data.tasks")
+    from transformers import AutoTokenizer
+
+    from peftkit.data.template import Template
+    from peftkit.errors import PeftkitError
+    from peftkit.models import resolve_model
+    from peftkit.train.tasks import get_task
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(resolve_model(cfg.model), local_files_only=True,
+                                                  trust_remote_code=cfg.trust_remote_code)  # first: fails fast
+        task = get_task(cfg.task)
+        splits = task.load_splits(cfg)
+        rows = list(splits.train)
+        random.Random(cfg.train.seed).shuffle(rows)  # as train/run.py does for data.max_train_examples
+        rows = rows[: min(cfg.data.max_train_examples or limit, limit)]
+        examples = task.encode(Template.create(tokenizer, cfg.data.template, splits.format), tokenizer, rows,
+                               cfg, splits).examples
+    except (PeftkitError, OSError, ValueError) as e:
+        return assumed_shape(cfg, f"data not read: {str(e).splitlines()[0][:120] if str(e) else type(e).__name__}")
+    if not examples:
+        return assumed_shape(cfg, "no training example")
+    return measure_shape(examples, cfg.train.batch_size, expects_shared_prefix(cfg, model),
+                         f"measured on {len(examples)} of {len(splits.train)} training examples")
 
 
 def build_meta_model(cfg: RunConfig) -> nn.Module:
@@ -121,12 +284,14 @@ def build_meta_model(cfg: RunConfig) -> nn.Module:
         return model_from_config(cfg, hf_config)
 
 
-def predict_memory(cfg: RunConfig, model: nn.Module | None = None) -> MemoryBreakdown:
+def predict_memory(cfg: RunConfig, model: nn.Module | None = None, shape: BatchShape | None = None) -> MemoryBreakdown:
     """Predict the peak memory of ``peftkit train`` for ``cfg`` (one process, CPU RSS).
 
     Args:
         cfg: the run config (model, method, data.max_length, train.batch_size/precision/gradient_checkpointing).
         model: the model with the method attached (any device, meta included); built from ``cfg`` if None.
+        shape: the largest micro-batch (:func:`measure_shape`, :func:`data_shape`); default
+            :func:`assumed_shape` (the config alone).
 
     Returns:
         The breakdown in MB.
@@ -141,10 +306,13 @@ def predict_memory(cfg: RunConfig, model: nn.Module | None = None) -> MemoryBrea
     keep = n_layers - first
     virtual = int(getattr(method, "num_virtual_tokens", 0) or 0)
     prefix_kind = getattr(method, "kind", None) if virtual else None  # soft prompts: "embeddings" or "prefix"
-    t = cfg.data.max_length + (virtual if virtual and prefix_kind != "prefix" else 0)
+    shape = assumed_shape(cfg) if shape is None else shape
+    t = shape.width + (virtual if virtual and prefix_kind != "prefix" else 0)
+    if shape.shared_prefix and t > shape.width:  # an embedding soft prompt is part of the shared prefix
+        shape = dataclasses.replace(shape, shared_prefix=shape.shared_prefix + t - shape.width)
     kv_len = t + (virtual if prefix_kind == "prefix" else 0)
-    tokens = cfg.train.batch_size * t
-    act = _activation_bytes(hf, cfg, keep, t, kv_len)
+    tokens = shape.rows * t
+    act = _activation_bytes(hf, cfg, model, first, shape, t, kv_len)
     parts = {
         "weights": weights / MB,
         "gradients": grad_bytes / MB,
@@ -154,14 +322,25 @@ def predict_memory(cfg: RunConfig, model: nn.Module | None = None) -> MemoryBrea
     }
     if cfg.train.precision == "bf16":  # autocast caches a bf16 copy of every trainable weight it casts
         parts["activations"] += 2 * _trainable_numel(model, torch.float32) / MB
+    quantized = _quantized_sizes(model)
+    largest = max(quantized, default=0)
+    if largest:
+        parts["runtime"] += BITSANDBYTES_MB
+    # a quantized layer computes with a dequantized fp32 copy of its weight, made in forward and again in
+    # backward, one at a time (measured: forward + backward of a 32000 x 2048 NF4 layer on a (2, 128) batch
+    # peaked 331 MB above its start: the 250 MB copy, the output and its gradient)
+    parts["activations"] += 4 * largest / MB
+    churned = sum(4 * n for n in quantized if 4 * n <= _MMAP_THRESHOLD_MAX)  # dequantized copies served by the heap
+    slack = ALLOCATOR_SLACK * parts["activations"] + DEQUANT_SLACK * churned / MB
+    parts["allocator"] = 0.0 if "MALLOC_MMAP_THRESHOLD_" in os.environ else slack
     train = sum(parts.values())
-    largest = _largest_quantized(model)
     if largest:  # quantized one layer at a time as its pages are read (methods/qlora.py): never the whole fp32 file
-        loading = RUNTIME_MB + (weights + QUANTIZE_TRANSIENT * 4 * largest) / MB
+        loading = parts["runtime"] + (weights + QUANTIZE_TRANSIENT * 4 * largest) / MB
     else:
-        loading = RUNTIME_MB + checkpoint / MB
+        loading = parts["runtime"] + checkpoint / MB
     return MemoryBreakdown(**parts, loading=loading, total=max(train, loading), trainable_params=trainable,
-                           frozen_params=frozen, layers_with_backward=keep, tokens=tokens)
+                           frozen_params=frozen, layers_with_backward=keep, tokens=tokens, width=shape.width,
+                           labelled=shape.labelled, shared_prefix=shape.shared_prefix, data=shape.source)
 
 
 def _unique_parameters(model: nn.Module) -> list[nn.Parameter]:
@@ -178,12 +357,11 @@ def _trainable_numel(model: nn.Module, dtype: torch.dtype) -> int:
     return sum(p.numel() for p in _unique_parameters(model) if p.requires_grad and p.dtype == dtype)
 
 
-def _largest_quantized(model: nn.Module) -> int:
-    """Values of the largest weight stored quantized (bitsandbytes, or marked so on the meta device); 0 if none."""
-    sizes = [_logical_numel(p) for p in _unique_parameters(model)
-             if getattr(p, "peftkit_stored_bytes", None) is not None or getattr(p, "quant_state", None) is not None
-             or isinstance(getattr(p, "SCB", None), torch.Tensor)]
-    return max(sizes, default=0)
+def _quantized_sizes(model: nn.Module) -> list[int]:
+    """Values of each weight stored quantized (bitsandbytes, or marked so on the meta device)."""
+    return [_logical_numel(p) for p in _unique_parameters(model)
+            if getattr(p, "peftkit_stored_bytes", None) is not None or getattr(p, "quant_state", None) is not None
+            or isinstance(getattr(p, "SCB", None), torch.Tensor)]
 
 
 def _parameter_bytes(model: nn.Module) -> tuple[int, int, int, int]:
@@ -247,34 +425,111 @@ def _is_final_norm(name: str) -> bool:
     return bool(re.fullmatch(r"(model\.|transformer\.)?(norm|ln_f|final_layer_norm)\.(weight|bias)", name))
 
 
-def _head_positions(cfg: RunConfig, t: int) -> int:
-    """Positions per row the LM head runs at: every one when every token is labelled, else a quarter (the
-    labelled response; see the module docstring)."""
-    every = cfg.data.train_on_prompt or cfg.data.format == "text"
-    return t if every else max(1, t // 4)
+#: names of attention output projections: their input is the attention output, which the attention kernel
+#: keeps anyway (nothing more is saved when they train)
+_OUT_PROJ = {"o_proj", "out_proj", "o", "wo", "dense", "c_proj"}
 
 
-def _activation_bytes(hf: Any, cfg: RunConfig, keep: int, t: int, kv_len: int) -> float:
-    """Bytes saved for backward by the decoder layers, the logits and the loss, for one micro-batch."""
-    b = cfg.train.batch_size
+def _linear_sizes(module: nn.Module) -> tuple[int, int] | None:
+    """(in, out) features of a linear-like module (nn.Linear, bitsandbytes, GPT-2 Conv1D); None otherwise."""
+    if hasattr(module, "in_features") and hasattr(module, "out_features"):
+        return int(module.in_features), int(module.out_features)
+    weight = getattr(module, "weight", None)
+    if type(module).__name__ == "Conv1D" and isinstance(weight, torch.Tensor) and weight.ndim == 2:
+        return int(weight.shape[0]), int(weight.shape[1])  # Conv1D stores (in, out)
+    return None
+
+
+def _trained_inputs(model: nn.Module, h: int, i: int) -> dict[int, tuple[int, int]]:
+    """Per decoder layer: the values per token kept beyond a frozen layer's because something in it trains,
+    as ``(fp32 values, autocast values)``.
+
+    A trained or adapted linear layer keeps its input for its weight's (or adapter's) gradient: the normalised
+    hidden state feeding the attention projections (h, once however many of q/k/v train), the one feeding the
+    MLP (h), the MLP's inner activation feeding its down projection (i); an attention output projection's
+    input is the attention output the kernel keeps anyway. A trained norm keeps its normalised input (h, fp32).
+    Measured with ``torch.autograd.graph.saved_tensors_hooks`` on smollm2-135m (fp32, per layer and token):
+    frozen 6h + 3i; LoRA on q/v 7h + 3i; LoRA on every linear 8h + 4i; full fine-tuning 10h + 4i.
+    """
+    from peftkit.core.adapter import AdapterLayer
+
+    kinds: dict[int, set[str]] = {}
+    norms: dict[int, int] = {}
+    inside: list[str] = []  # modules under an adapter layer: counted as that layer
+    for name, module in model.named_modules():
+        if inside and name.startswith(inside[-1] + "."):
+            continue
+        match = _LAYER_RE.search(f".{name}.")
+        if match is None:
+            continue
+        layer = int(match.group(1))
+        if isinstance(module, AdapterLayer):
+            inside.append(name)
+            trains = any(p.requires_grad for p in module.parameters())
+            sizes = _linear_sizes(getattr(module, "base_layer", module))
+        else:
+            weight = module._parameters.get("weight")
+            trains = weight is not None and weight.requires_grad
+            sizes = _linear_sizes(module)
+            if trains and sizes is None and "norm" in type(module).__name__.lower():
+                norms[layer] = norms.get(layer, 0) + 1
+                continue
+            if sizes is None:
+                continue
+        if not trains:
+            continue
+        if sizes is None:
+            kind = f"other:{name}"  # a trained block (e.g. a bottleneck adapter around an MLP): its input
+        elif sizes[0] == i and i != h:
+            kind = "down"
+        elif sizes[1] in (i, 2 * i) and i != h:
+            kind = "mlp_in"
+        elif name.rsplit(".", 1)[-1] in _OUT_PROJ and sizes[0] == h:
+            kind = "out"
+        else:
+            kind = "attn_in"
+        kinds.setdefault(layer, set()).add(kind)
+    width = {"down": i, "out": 0}
+    layers = set(kinds) | set(norms)
+    return {n: (norms.get(n, 0) * h, sum(width.get(k, h) for k in kinds.get(n, ()))) for n in layers}
+
+
+def _activation_bytes(hf: Any, cfg: RunConfig, model: nn.Module, first: int, shape: BatchShape, t: int,
+                      kv_len: int) -> float:
+    """Bytes saved for backward by the decoder layers, the logits and the loss, for the largest micro-batch.
+
+    Per layer and position (measured, see :func:`_trained_inputs`): each norm's fp32 input (2h), the
+    attention's q and output (2h) and its keys and values, expanded to every head (2h, over all ``kv_len``
+    positions), the MLP's gate, activation and up projection (3i), plus what trains in the layer; the (B, T, T)
+    fp32 attention mask. CPU attention on this torch keeps no (heads x T x T) weights.
+
+    Args:
+        first: the lowest decoder layer that keeps activations.
+        t: positions per row through the layers (``shape.width`` + virtual tokens of an embedding soft prompt).
+        kv_len: positions each query attends to (``t`` + a prefix method's virtual tokens).
+    """
+    b, p = shape.rows, min(shape.shared_prefix, t - 1)
     h = int(getattr(hf, "hidden_size", 0) or getattr(hf, "n_embd", 0))
     i = int(getattr(hf, "intermediate_size", 0) or getattr(hf, "n_inner", 0) or 4 * h)
-    heads = int(getattr(hf, "num_attention_heads", 0) or getattr(hf, "n_head", 1))
-    kv_heads = int(getattr(hf, "num_key_value_heads", 0) or heads)
-    kv = h * kv_heads // heads
+    n_layers = int(getattr(hf, "num_hidden_layers", 1))
     v = int(hf.vocab_size)
-    bf16 = cfg.train.precision == "bf16"
-    elem = 2 if bf16 else 4
-    # norms keep fp32 (x, normalised x); projections, attention and MLP outputs follow autocast
-    per_token = 4 * 4 * h + elem * (6 * h + 4 * i + 2 * kv) + 4 * 2 * heads * kv_len
-    layer = b * t * per_token
+    elem = 2 if cfg.train.precision == "bf16" else 4  # matmul outputs follow autocast; norms and residuals fp32
+    rest = b * (t - p)  # positions run per row; the P shared ones run once, their keys/values repeated per row
+    positions = rest + p
+    kv_positions = b * kv_len + p  # keys/values: every row's full length (the repeated prefix too) + the prefix pass
+    frozen = positions * (4 * 2 * h + elem * (2 * h + 3 * i)) + kv_positions * elem * 2 * h + rest * kv_len * 4
+    extra = _trained_inputs(model, h, i)
+    keep = range(first, n_layers)
+    trained = sum(positions * (4 * extra.get(n, (0, 0))[0] + elem * extra.get(n, (0, 0))[1]) for n in keep)
     if cfg.train.gradient_checkpointing:
-        layers = keep * b * t * h * 4 + (layer if keep else 0)
+        top = max(keep, key=lambda n: sum(extra.get(n, (0, 0))), default=first)
+        one = frozen + positions * (4 * extra.get(top, (0, 0))[0] + elem * extra.get(top, (0, 0))[1])
+        layers = len(keep) * positions * h * 4 + (one if len(keep) else 0)
     else:
-        layers = max(keep, 1) * layer  # with nothing kept, one frozen layer is still in flight in forward
+        layers = max(len(keep), 1) * frozen + trained  # with nothing kept, one frozen layer is still in flight in forward
     # (B, K, V) three times at the peak: in forward the logits, the fp32 copy given to cross-entropy and
     # its log-softmax (saved); in backward the log-softmax, its gradient and the gradient of the logits
-    logits = b * _head_positions(cfg, t) * v * (elem + 4 + 4)
+    logits = b * min(shape.labelled, t) * v * (elem + 4 + 4)
     return float(layers + logits)
 
 
@@ -285,13 +540,15 @@ def measure_runtime_mb() -> float:
     return float(out.stdout.strip().splitlines()[-1])
 
 
-def predicted_peak_mb(cfg: RunConfig, model: nn.Module) -> float | None:
-    """The predicted total for a run in progress (its real model, so nothing extra is allocated), or None
-    when the model is one the estimate does not understand: reporting must never fail a finished run."""
+def predicted_peak_mb(cfg: RunConfig, model: nn.Module, shape: BatchShape | None = None) -> float | None:
+    """The predicted total for a run in progress (its real model, so nothing extra is allocated; ``shape``
+    measured on its examples), or None when the model is one the estimate does not understand: reporting must
+    never fail a finished run."""
     try:
-        return round(predict_memory(cfg, model).total, 1)
+        return round(predict_memory(cfg, model, shape).total, 1)
     except Exception:  # noqa: BLE001 - a prediction is informational only
         return None
 
 
-__all__ = ["MemoryBreakdown", "RUNTIME_MB", "build_meta_model", "measure_runtime_mb", "predict_memory", "predicted_peak_mb"]
+__all__ = ["BatchShape", "MemoryBreakdown", "RUNTIME_MB", "assumed_shape", "build_meta_model", "data_shape",
+           "expects_shared_prefix", "measure_runtime_mb", "measure_shape", "predict_memory", "predicted_peak_mb"]

@@ -29,7 +29,8 @@ from peftkit.train.distributed import Dist, full_trainable_params
 from peftkit.train.final_eval import final_evaluation
 from peftkit.train.loop import Trainer
 from peftkit.train.multitask import build_tasks
-from peftkit.train.memory import predicted_peak_mb
+from peftkit.train.memory import measure_shape, predicted_peak_mb
+from peftkit.train.shared_prefix import was_shared
 from peftkit.train.tasks import CausalLMTask, get_task
 from peftkit.train.tracking import peak_memory_mb, plot_loss, reset_peak_memory
 
@@ -200,6 +201,9 @@ def _train(cfg: RunConfig, resume: bool, show_progress: bool | None, log: Callab
     if resume_from is not None:
         log(f"resuming from {resume_from}")
     state = trainer.fit(Path(resume_from) if resume_from else None)
+    # the batches' shape for the memory prediction, measured on the examples (next-token runs, padded batches)
+    lm_batches = cfg.task == "causal_lm" and not cfg.data.packing
+    shape = measure_shape(enc_train.examples, t.batch_size, was_shared(trainer.net)) if lm_batches else None
     task_metrics = prep.task.final_metrics(model, tok, splits, cfg)  # seq_cls: test accuracy
     if task_metrics:
         log(", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in task_metrics.items()))
@@ -236,7 +240,7 @@ def _train(cfg: RunConfig, resume: bool, show_progress: bool | None, log: Callab
             "distributed": d.mode,
             "effective_batch_size": effective,
             "peak_memory_mb": round(peak_memory_mb(trainer.device), 1),
-            "predicted_memory_mb": predicted_peak_mb(cfg, model),  # after reading the peak: may allocate a little
+            "predicted_memory_mb": predicted_peak_mb(cfg, model, shape),  # after reading the peak: may allocate a little
             "wall_time_s": round(time.perf_counter() - start, 1),
             "adapter": str(final),
             "output_kind": final.name,

@@ -28,7 +28,7 @@ import torch
 import torch.nn as nn
 
 from peftkit.data.tokenize import IGNORE
-from peftkit.train.lm_head import head_positions
+from peftkit.train.lm_head import HeadCapture, head_positions
 
 MIN_PREFIX = 8  # shorter shared prefixes are not worth a second model call
 _CHECKED: weakref.WeakKeyDictionary[nn.Module, bool] = weakref.WeakKeyDictionary()
@@ -74,13 +74,15 @@ def can_share(model: nn.Module) -> bool:
     return getattr(config, "is_encoder_decoder", False) is False
 
 
-def shared_prefix_logits(model: nn.Module, inputs: dict[str, torch.Tensor], prefix: int, keep: torch.Tensor) -> tuple[torch.Tensor, bool]:
+def shared_prefix_logits(model: nn.Module, inputs: dict[str, torch.Tensor], prefix: int, keep: torch.Tensor,
+                         capture: HeadCapture | None = None) -> tuple[torch.Tensor, bool]:
     """Logits of the positions after ``prefix`` (the prefix run once for the whole batch).
 
     Args:
         inputs: ``input_ids`` (B, T) and optionally ``attention_mask`` (B, T).
         prefix: P, from :func:`shared_prefix_len`.
         keep: (B, K) positions per row (of the whole sequence, all >= P) whose logits are wanted.
+        capture: passed to :func:`~peftkit.train.lm_head.head_positions` for the positions after the prefix.
 
     Returns:
         ``(logits, selected)``: (B, K, V) for ``keep`` when ``selected``, else (B, T - P, V).
@@ -93,11 +95,17 @@ def shared_prefix_logits(model: nn.Module, inputs: dict[str, torch.Tensor], pref
     cache = out.past_key_values
     cache.batch_repeat_interleave(batch)  # (1, H, P, D) -> (B, H, P, D) in every layer
     positions = torch.arange(prefix, seq, device=ids.device).expand(batch, -1)  # (B, T - P)
-    with head_positions(model, keep - prefix, seq - prefix) as applied:
+    with head_positions(model, keep - prefix, seq - prefix, capture) as applied:
         out = model(input_ids=ids[:, prefix:], attention_mask=mask, position_ids=positions, past_key_values=cache,
                     use_cache=True)
     logits = out.logits
     return logits, applied[0] and logits.shape[1] == keep.shape[-1]
+
+
+def was_shared(model: nn.Module) -> bool:
+    """Whether ``model`` has run shared-prefix forwards (its first-use check passed): the memory prediction's
+    batch shape counts the prefix once per batch only then."""
+    return bool(_CHECKED.get(model))
 
 
 def checked(model: nn.Module, plain_loss: Callable[[], tuple[torch.Tensor, int]],
