@@ -21,5 +21,5 @@ def test_quick_run_reports_every_part(tmp_path: Path) -> None:
     loss = {r["variant"] for r in rows if r["part"] == "loss"}
     assert {"plain", "fused", "recompute-128"} <= loss  # the variants agreed on loss and gradients, else it raised
     step = [r["variant"] for r in rows if r["part"] == "step"]
-    assert step.count("PEFT") == 2 and step.count("peftkit now") == 2  # both shapes
+    assert step.count("PEFT") == 2 and step.count("peftkit, fused loss") == 2  # both shapes
     assert "| step |" in (tmp_path / "levers.md").read_text()

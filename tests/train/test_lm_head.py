@@ -157,8 +157,9 @@ def _full_ft_llama() -> torch.nn.Module:
     return build_llama().train()  # untied head: its weight trains
 
 
-@pytest.mark.parametrize("build", [lambda: _lora(build_llama), lambda: _lora(build_gpt2), _full_ft_llama],
-                         ids=["llama-lora", "gpt2-lora-tied-head", "llama-full-ft"])
+@pytest.mark.parametrize("build", [lambda: _lora(build_llama), lambda: _lora(build_gpt2), _full_ft_llama,
+                                   lambda: build_gpt2().train()],
+                         ids=["llama-lora", "gpt2-lora-tied-head", "llama-full-ft", "gpt2-full-ft-tied-head"])
 @pytest.mark.parametrize("share_prefix", [False, True])
 def test_fused_loss_same_loss_and_grads_and_no_logits(build, share_prefix: bool) -> None:
     model = build()

@@ -19,8 +19,8 @@ one-position probe; :func:`linear_cross_entropy_sum` then runs head and cross-en
 positions at a time, and computes their gradients in the same pass (the loss is the last op, so its gradient
 is known in forward: backward only scales them). No (N, V) tensor outlives its chunk, and the log-softmax
 output, the zero-filled NLL gradient and the log-softmax backward of the plain loss are never made. Measured
-(bench/levers.py, SmolLM2's head, V 49,152, 1020 positions): head + loss ~0.86x the time of ``F.cross_entropy``
-on full logits, peak memory 85 MB instead of 584, at the same loss and gradients to float rounding.
+(bench/levers.py, SmolLM2's head, V 49,152, 1020 positions, head frozen): head + loss 0.81-0.85x the time of
+``F.cross_entropy`` on full logits, peak memory 157 MB instead of 584, the same loss and gradients to float rounding.
 """
 
 from __future__ import annotations
@@ -111,8 +111,8 @@ def head_positions(model: nn.Module, index: torch.Tensor, seq_len: int,
 # -- head and cross-entropy in one pass ---------------------------------------------------------------
 
 #: fp32 logits of one chunk of positions, but at least MIN_CHUNK_ROWS positions: a chunk rereads the whole
-#: (V, d) weight, and skinny GEMMs are slow (one CPU core, GPT-2's head, per position: 127-position chunks 7%
-#: slower than 170-256, 64 27% slower). So ~256 positions per chunk for vocabularies of 32k and up.
+#: (V, d) weight, and skinny GEMMs are slow (one CPU core, GPT-2 / SmolLM2 heads, time per position: chunks of
+#: 128 positions 4-7% slower than 170-256, of 64 ~27% slower). So ~256 positions per chunk from 32k vocabularies up.
 CHUNK_BYTES = 32 * 2**20
 MIN_CHUNK_ROWS = 256
 #: per model: does it return its head's own output as logits (True), or change it (False, e.g. soft-capping)?
@@ -218,8 +218,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
             del out
             loss -= logp.gather(1, t).sum()
             g = logp.exp_().scatter_add_(1, t, torch.full(t.shape, -1.0, device=t.device))  # softmax - onehot
-            g = g.to(weight.dtype if not torch.is_autocast_enabled(g.device.type) else torch.get_autocast_dtype(g.device.type))
-            plain = g.dtype == h.dtype == weight.dtype and not torch.is_autocast_enabled(g.device.type)
+            autocast = torch.is_autocast_enabled(g.device.type)
+            g = g.to(torch.get_autocast_dtype(g.device.type) if autocast else weight.dtype)  # the head's GEMM dtype
+            plain = g.dtype == h.dtype == weight.dtype and not autocast
             if need_h:
                 if plain:  # straight into the result: no (n, d) temporary
                     torch.mm(g, weight, out=grad_h[start:start + rows])
