@@ -334,7 +334,7 @@ def build_step(model: Any, stack: str, fused_loss: bool = True, lora_before_: bo
 
 STEP_VARIANTS = {  # name: build_step keyword arguments (the peftkit variants share one model)
     "peftkit, fused loss": {"stack": "peftkit"},
-    "peftkit, plain loss (the default)": {"stack": "peftkit", "fused_loss": False},
+    "peftkit, plain loss": {"stack": "peftkit", "fused_loss": False},
     "peftkit, fused loss, LoRA forward as before": {"stack": "peftkit", "lora_before_": True},
     "peftkit as before this round (plain loss, old LoRA forward)": {"stack": "peftkit", "fused_loss": False, "lora_before_": True},
     "PEFT": {"stack": "peft"},

@@ -492,7 +492,8 @@ def machine_info() -> dict[str, Any]:
             "avx2": "avx2" in flags, "native_bf16": native_bf16(), "memory_gb": round(mem, 1),
             "python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
             "bitsandbytes": bnb_version, "load_average": round(os.getloadavg()[0], 1),
-            "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY")}
+            "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
+            "ld_preload": os.environ.get("LD_PRELOAD")}  # e.g. jemalloc instead of glibc's malloc (BENCHMARKS.md)
 
 
 # -- the report --------------------------------------------------------------------------------------------------
@@ -503,6 +504,8 @@ def markdown(report: dict[str, Any]) -> str:
         rows = [r for r in report["rows"] if r["model"] == model]
         r0 = rows[0]
         alloc = f", MALLOC_MMAP_THRESHOLD_={r0['malloc_mmap_threshold']}" if r0.get("malloc_mmap_threshold") else ""
+        preload = report.get("machine", {}).get("ld_preload")
+        alloc += f", LD_PRELOAD={os.path.basename(preload)}" if preload else ""
         lines += [f"**{model}** ({MODELS[model].about}), batch {r0['batch']} x {r0['seq']} tokens{alloc}", "",
                   "| variant | ckpt | weights | trainable | weights MB | B/base param | peak RSS MB | predicted MB "
                   "| pred. error | step s | peak vs fp32 LoRA | peak vs fp32 full |",

@@ -9,15 +9,20 @@ Parts (``--parts``, default all):
            examples, LoRA r/alpha/targets, batch size, lr, fp32. ``--levers`` adds peftkit runs with one
            lever switched off each.
   step     a fixed-shape training step (forward + backward + clip + AdamW) on a GPT-2-shaped (GPT-2 small)
-           and a Llama-shaped (SmolLM2-135M config) model with random weights: peftkit LoRA, PEFT LoRA and
-           full fine-tuning; achieved FLOP/s of each against the measured matmul peak.
+           and a Llama-shaped (SmolLM2-135M config) model with random weights: peftkit LoRA (fused head + loss,
+           and the plain loss), PEFT LoRA and full fine-tuning; achieved FLOP/s of each against the matmul peak,
+           both by wall time and by this process's CPU time (what a shared CPU's other work does not inflate;
+           with several torch threads, CPU seconds / threads). The peak is measured the same two ways, in the
+           same process, before every timed round (median over rounds): peak and steps see the same load.
   gen      greedy generation latency (N new tokens) on smollm2-135m: bare base, adapter unmerged, merged.
   matmul   the machine's matmul peak: a large fp32 matmul, and bf16 (measured once; bf16 training is
            skipped on CPUs without native bf16, where it is ~100x slower than fp32).
 
 Each configuration runs in its own process (its peak RSS is its own) and the configurations of one
-comparison alternate (A B A B ...); the table shows medians and ratios. ``--quick`` runs tiny models
-in-process in a few seconds (the smoke test).
+comparison alternate (A B A B ...); the table shows medians and ratios. Every job records the load
+average at its start and end and its involuntary context switches (a process waiting for a core: the
+load indicator); the fixed-shape steps record them per step. ``--quick`` runs tiny models in-process in
+a few seconds (the smoke test).
 
     .venv/bin/python bench/speed.py --levers --compile --threads 1 --out bench/results   # BENCHMARKS.md's run
     .venv/bin/python bench/speed.py --parts step --steps 6
@@ -32,22 +37,28 @@ import functools
 import json
 import os
 import random
+import resource
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from _common import alternate, machine, median, peak_rss_mb, reset_peak, rss_mb, timed, worker_main  # noqa: E402
+from _common import alternate, machine, median, peak_rss_mb, reset_peak, rss_mb, worker_main  # noqa: E402
 
 SCRIPT = Path(__file__).resolve()
 PARTS = ("matmul", "step", "gen", "real")
 DATASETS = ("rotten-tomatoes", "chatterbot")
 LORA = {"r": 8, "alpha": 16.0}  # peftkit's defaults; PEFT is given the same (and the same targets)
 LR = 2e-4
+# transformers' Trainer defaults (TrainingArguments; the smoke test checks them): the reference step does what the
+# Trainer does, and peftkit's step is given the same (none of these is a peftkit feature)
+REFERENCE = {"optim": "adamw_torch_fused", "weight_decay": 0.0, "max_grad_norm": 1.0}
+PEAK_N, PEAK_REPEATS = 2048, 4  # the matmul peak before each timed step round: ~1 s at 1 thread
 
 # -- models -------------------------------------------------------------------------------------------
 
@@ -99,7 +110,8 @@ def attach(model: Any, stack: str, family: str) -> Any:
         import torch
 
         torch.manual_seed(0)
-        peftkit.inject(model, peftkit.LoraConfig(r=LORA["r"], alpha=LORA["alpha"], target_modules=TARGETS[family]))
+        peftkit.inject(model, peftkit.LoraConfig(r=LORA["r"], alpha=LORA["alpha"], dropout=0.0,
+                                                 target_modules=TARGETS[family]))
         return model
     if stack == "full":
         peftkit.inject(model, peftkit.FullConfig())
@@ -145,32 +157,81 @@ def _is_matmul(module: Any) -> bool:
     return isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D"
 
 
+# -- clocks -------------------------------------------------------------------------------------------
+
+def clocks() -> tuple[float, float, int]:
+    """Now: wall seconds, this process's CPU seconds (every thread, user + system) and its involuntary
+    context switches so far (times the scheduler took a core from it: the load indicator)."""
+    return time.perf_counter(), time.process_time(), resource.getrusage(resource.RUSAGE_SELF).ru_nivcsw
+
+
+def measured(fn: Callable[[], Any]) -> tuple[float, float, int]:
+    """One call of ``fn``: its wall seconds, CPU seconds (all threads) and involuntary context switches."""
+    w0, c0, s0 = clocks()
+    fn()
+    w1, c1, s1 = clocks()
+    return w1 - w0, c1 - c0, s1 - s0
+
+
+def matmul_peak(n: int, repeats: int, dtype: str = "fp32") -> dict[str, Any]:
+    """GFLOP/s of an ``n`` x ``n`` matmul, best of ``repeats`` (after one warm-up), by wall time and by CPU time.
+
+    CPU time counts every thread, so it is divided by the torch thread count: with N threads busy, CPU seconds
+    are ~N x wall, and ``gflops_cpu`` is then comparable with ``gflops`` (equal on an idle machine).
+    """
+    import torch
+
+    dt = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(n, n, generator=g).to(dt), torch.randn(n, n, generator=g).to(dt)
+    a @ b
+    runs = [measured(lambda: a @ b) for _ in range(repeats)]
+    flop, threads = 2 * n**3, torch.get_num_threads()
+    return {"n": n, "gflops": flop / min(w for w, _, _ in runs) / 1e9,
+            "gflops_cpu": flop / (min(c for _, c, _ in runs) / threads) / 1e9,
+            "nivcsw": sum(sw for _, _, sw in runs)}
+
+
 # -- workers ------------------------------------------------------------------------------------------
 
 def run_job(job: dict[str, Any]) -> dict[str, Any]:
-    if job.get("threads"):
-        import torch
+    """One job; its result gains ``load``: the load average at its start and end, its wall and CPU seconds,
+    its involuntary context switches and the torch thread count."""
+    import torch
 
+    if job.get("threads"):
         torch.set_num_threads(job["threads"])
-    return {"matmul": job_matmul, "step": job_step, "step-memory": job_step_memory, "gen": job_gen,
-            "gen-memory": job_gen_memory, "real": job_real}[job["part"]](job)
+    load_start, start = os.getloadavg(), clocks()
+    result = {"matmul": job_matmul, "step": job_step, "step-memory": job_step_memory, "gen": job_gen,
+              "gen-memory": job_gen_memory, "real": job_real}[job["part"]](job)
+    end = clocks()
+    result["load"] = {"load_average_start": [round(x, 2) for x in load_start],
+                      "load_average_end": [round(x, 2) for x in os.getloadavg()],
+                      "wall_s": end[0] - start[0], "cpu_s": end[1] - start[1], "nivcsw": end[2] - start[2],
+                      "threads": torch.get_num_threads()}
+    return result
 
 
 def job_matmul(job: dict[str, Any]) -> dict[str, Any]:
-    """Peak GFLOP/s of square matmuls: the best of ``repeats`` timings at each size in ``sizes``."""
-    import torch
-
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[job["dtype"]]
-    best = {}
-    for n in job["sizes"]:
-        a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
-        best[n] = 2 * n**3 / min(timed(lambda: a @ b, job["repeats"], warmup=1)) / 1e9
-    n = max(best, key=best.get)
-    return {"gflops": best[n], "n": n, "by_size": best}
+    """Peak GFLOP/s of square matmuls: the best of ``repeats`` timings at each size in ``sizes``, by wall and
+    by CPU time (each the best size for that clock)."""
+    by = {n: matmul_peak(n, job["repeats"], job["dtype"]) for n in job["sizes"]}
+    n = max(by, key=lambda k: by[k]["gflops"])
+    return {"gflops": by[n]["gflops"], "n": n, "gflops_cpu": max(r["gflops_cpu"] for r in by.values()),
+            "by_size": {k: r["gflops"] for k, r in by.items()}, "by_size_cpu": {k: r["gflops_cpu"] for k, r in by.items()}}
 
 
 def build_step(job: dict[str, Any]) -> tuple[Any, Any, dict[str, Any]]:
-    """One configuration's fixed-shape training step (forward, backward, clip, AdamW): ``(model, step, info)``."""
+    """One configuration's fixed-shape training step (forward, backward, clip, AdamW): ``(model, step, info)``.
+
+    peftkit (and full FT) step as peftkit's Trainer does (``loop.Trainer._step``): ``lm_loss_sum`` divided by
+    the label count, the optimizer of ``make_optimizer`` (fused AdamW), the gradient norm clipped over the
+    trainable parameters, gradients set to None. ``job["fused_loss"]`` is passed explicitly, so a row means the
+    same whichever default ``lm_loss_sum`` has. The PEFT reference steps as transformers' Trainer does: the
+    model's own loss (mean over labels), fused AdamW, the same clipping and zeroing. Both get the Trainer's
+    defaults (:data:`REFERENCE`) for weight decay and clipping. Left out on both sides alike: the lr scheduler
+    and the loss/grad-norm checks (a few scalars per step).
+    """
     import torch
 
     from peftkit.train.config import TrainConfig
@@ -183,14 +244,15 @@ def build_step(job: dict[str, Any]) -> tuple[Any, Any, dict[str, Any]]:
     ids = torch.randint(model.config.vocab_size, (job["batch"], job["seq"]), generator=g)
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
     params = [p for p in model.parameters() if p.requires_grad]
+    cfg = TrainConfig(lr=LR, weight_decay=REFERENCE["weight_decay"], max_grad_norm=REFERENCE["max_grad_norm"])
 
     if job["stack"] == "peft":  # the reference: what the Trainer does (loss from labels, its default fused AdamW)
-        opt = torch.optim.AdamW(params, lr=LR, fused=True)
+        opt = torch.optim.AdamW(params, lr=LR, weight_decay=REFERENCE["weight_decay"], fused=True)
 
         def loss_fn() -> torch.Tensor:
             return model(**batch, use_cache=False).loss
     else:
-        opt = make_optimizer(model, TrainConfig(lr=LR))
+        opt = make_optimizer(model, cfg)
         if job.get("optimizer") == "loop":  # lever off: torch's default (for-loop) AdamW update
             opt = torch.optim.AdamW([{"params": g["params"], "weight_decay": g["weight_decay"]} for g in opt.param_groups],
                                     lr=LR, fused=False, foreach=False)
@@ -198,41 +260,62 @@ def build_step(job: dict[str, Any]) -> tuple[Any, Any, dict[str, Any]]:
             from peftkit.train.compile import compile_blocks
 
             compile_blocks(model)
+        fused_loss = bool(job["fused_loss"])  # required: never the default of the day
 
         def loss_fn() -> torch.Tensor:
             with autocast(ids.device, job.get("precision", "fp32")):
-                loss_sum, n = lm_loss_sum(model, batch)
+                loss_sum, n = lm_loss_sum(model, batch, fused_loss=fused_loss)
             return loss_sum / n
 
     def step() -> None:
         loss_fn().backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    info = {"trainable": sum(p.numel() for p in params), "flops": step_flops(model, job["batch"], job["seq"])}
+    info = {"trainable": sum(p.numel() for p in params), "flops": step_flops(model, job["batch"], job["seq"]),
+            "fused_adamw": bool(opt.defaults.get("fused")), "fused_loss": job.get("fused_loss"),
+            "weight_decay": sorted({g["weight_decay"] for g in opt.param_groups}), "max_grad_norm": cfg.max_grad_norm}
     return model, step, info
 
 
 def job_step(job: dict[str, Any]) -> dict[str, Any]:
-    """The configurations of ``job["configs"]`` in one process, their steps interleaved (A B C A B C ...):
-    a slow second on a shared CPU then hits all of them, and per-round ratios stay honest."""
-    import time as _time
+    """The configurations of ``job["configs"]`` in one process, their steps interleaved (A B C, B C A, C A B ...:
+    each round starts one further on, so no configuration always follows the same one): a slow second on a
+    shared CPU then hits all of them, and per-round ratios stay honest. Before each round, the matmul peak is
+    measured (``peak_n`` x ``peak_n``, best of ``peak_repeats``): the peak is the median over rounds."""
+    import torch
 
     built = [build_step({**job, **c}) for c in job["configs"]]
-    first = []
-    for _, step, _ in built:  # one-off work (allocator warm-up, compilation) out of the timed rounds
-        t = _time.perf_counter()
-        step()
-        first.append(_time.perf_counter() - t)
-    times: list[list[float]] = [[] for _ in built]
-    for _ in range(job["steps"]):
-        for i, (_, step, _) in enumerate(built):
-            t = _time.perf_counter()
-            step()
-            times[i].append(_time.perf_counter() - t)
-    return {"configs": [{"times": ts, "median_s": median(ts), "first_step_s": f, "gflops": info["flops"]["total"] / median(ts) / 1e9,
-                         **info} for ts, f, (_, _, info) in zip(times, first, built)]}
+    threads = torch.get_num_threads()
+    first = [measured(step)[0] for _, step, _ in built]  # one-off work (allocator warm-up, compilation) untimed
+    peaks: list[dict[str, Any]] = []
+    runs: list[list[tuple[float, float, int]]] = [[] for _ in built]  # per config: (wall, cpu, nivcsw) per round
+    for r in range(job["steps"]):
+        peaks.append(matmul_peak(job.get("peak_n", PEAK_N), job.get("peak_repeats", PEAK_REPEATS)))
+        for i in [(r + k) % len(built) for k in range(len(built))]:
+            runs[i].append(measured(built[i][1]))
+    peak = {"n": peaks[0]["n"], "gflops": median(p["gflops"] for p in peaks),
+            "gflops_cpu": median(p["gflops_cpu"] for p in peaks), "rounds": peaks}
+    return {"threads": threads, "peak": peak,
+            "configs": [step_stats(rs, f, info, threads, peak) for rs, f, (_, _, info) in zip(runs, first, built)]}
+
+
+def step_stats(runs: list[tuple[float, float, int]], first: float, info: dict[str, Any], threads: int,
+               peak: dict[str, Any]) -> dict[str, Any]:
+    """One configuration's step figures from its ``(wall s, CPU s, involuntary switches)`` per round.
+
+    ``gflops_cpu`` divides the FLOPs by CPU seconds / ``threads`` (the matmul peak's ``gflops_cpu`` likewise);
+    ``on_cpu`` is CPU seconds / (wall seconds x threads): ~1 on an idle machine, less while other work holds
+    the cores (with one thread exactly the share of the step's wall time it ran).
+    """
+    wall, cpu, switches = ([r[k] for r in runs] for k in range(3))
+    flops = info["flops"]["total"]
+    gflops, gflops_cpu = flops / median(wall) / 1e9, flops / (median(cpu) / threads) / 1e9
+    return {"times": wall, "cpu_times": cpu, "nivcsw": switches, "median_s": median(wall), "median_cpu_s": median(cpu),
+            "first_step_s": first, "gflops": gflops, "gflops_cpu": gflops_cpu, "of_peak": gflops / peak["gflops"],
+            "of_peak_cpu": gflops_cpu / peak["gflops_cpu"], "nivcsw_per_step": median(switches),
+            "on_cpu": median(c / (w * threads) for w, c in zip(wall, cpu)), **info}
 
 
 def job_step_memory(job: dict[str, Any]) -> dict[str, Any]:
@@ -462,14 +545,15 @@ def plan(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
                                                   {"part": "matmul", "dtype": "bf16", "sizes": [min(sizes[0], 512)], "repeats": 2}]}
     if "step" in args.parts:
         batch, seq = (2, 32) if args.quick else (args.batch, args.seq)
+        peak = {"peak_n": 128 if args.quick else PEAK_N, "peak_repeats": PEAK_REPEATS}
         for shape in ("gpt2", "llama"):
-            configs = [{"stack": s} for s in ("peftkit", "peft", "full")]
+            configs = [dict(c) for c in STEP_CONFIGS]
             if args.levers and shape == "llama":
-                configs.append({"stack": "full", "optimizer": "loop", "variant": "for-loop AdamW"})
+                configs.append({"stack": "full", "fused_loss": True, "optimizer": "loop", "variant": "for-loop AdamW"})
             if args.compile and shape == "llama":
-                configs.append({"stack": "peftkit", "compile": True, "variant": "train.compile"})
+                configs.append({"stack": "peftkit", "fused_loss": True, "compile": True, "variant": "train.compile"})
             common = {"shape": shape, "batch": batch, "seq": seq, **q}
-            jobs = [{"part": "step", **common, "steps": args.steps, "configs": configs}]
+            jobs = [{"part": "step", **common, "steps": args.steps, **peak, "configs": configs}]
             jobs += [{"part": "step-memory", **common, **c} for c in configs if not c.get("compile")]
             groups[f"step-{shape}"] = {"rounds": 1, "jobs": jobs}
     if "gen" in args.parts:
@@ -490,6 +574,16 @@ def plan(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
                 groups[f"levers-{ds}"] = {"rounds": 1, "jobs": jobs}
     return groups
 
+
+# the fixed-shape step's configurations (each shape); peftkit's loss path is always named (fused_loss), so the
+# rows mean the same whichever default lm_loss_sum / train.fused_loss has. The report compares with the rows
+# whose stack is "peft" and "full" and that have no "variant".
+STEP_CONFIGS: list[dict[str, Any]] = [
+    {"stack": "peftkit", "fused_loss": True},
+    {"stack": "peftkit", "fused_loss": False, "variant": "plain loss"},
+    {"stack": "peft"},
+    {"stack": "full", "fused_loss": True},
+]
 
 # peftkit with one lever changed from its default: shows what each lever is worth on real data
 LEVER_OFF: dict[str, dict[str, Any]] = {
@@ -515,6 +609,19 @@ def run_inline(groups: dict[str, dict[str, Any]]) -> dict[str, list[list[dict[st
                 result["peak_delta_mb"] = round(peak_rss_mb() - base, 1)
                 out[name][i].append({"job": job, **result})
     return out
+
+
+def fused_loss_default() -> dict[str, Any]:
+    """Whether peftkit's defaults use the fused head + loss (the real-data rows run the defaults): the default of
+    ``lm_loss_sum(fused_loss=...)`` and of ``train.fused_loss`` (None where there is no such field)."""
+    import inspect
+
+    from peftkit.train.config import TrainConfig
+    from peftkit.train.loop import lm_loss_sum
+
+    param = inspect.signature(lm_loss_sum).parameters.get("fused_loss")
+    return {"lm_loss_sum": None if param is None else param.default,
+            "train.fused_loss": getattr(TrainConfig(), "fused_loss", None)}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -548,11 +655,12 @@ def main(argv: list[str] | None = None) -> int:
         worker_main(args.worker, run_job)
         return 0
     if args.quick:
-        args.rounds, args.steps, args.gen_repeats = 1, 1, 1
+        args.rounds, args.steps, args.gen_repeats = 1, 2, 1  # two step rounds: the rotation and the peak median run
         import torch
 
         torch.set_num_threads(1)  # tiny matrices: one thread is fastest, and does not crawl on a busy CPU
     info = machine()
+    info["peftkit_fused_loss_default"] = fused_loss_default()
     print(f"machine: {json.dumps(info)}", flush=True)
     groups = plan(args)
     if args.quick:
@@ -589,15 +697,15 @@ def report(results: dict[str, list[list[dict[str, Any]]]], info: dict[str, Any],
              f"peft {info['peft']}, Python {info['python']}.",
              f"Command: `.venv/bin/python bench/speed.py {argv}`".rstrip() + f" ({elapsed / 60:.1f} min). "
              f"Load average (1/5/15 min) of the shared CPU: {info['load_average']} at the start, "
-             f"{info.get('load_average_end')} at the end.", ""]
+             f"{info.get('load_average_end')} at the end. peftkit's default loss path (the real-data rows): "
+             f"{_fused_default_text(info.get('peftkit_fused_loss_default'))}.", ""]
     quick = any(runs[0][0]["job"].get("quick") for runs in results.values())
     model_name = "a tiny random Llama (--quick)" if quick else "smollm2-135m"
-    peak = None
     if "matmul" in results:
         r32, r16 = results["matmul"][0][0], results["matmul"][1][0]
-        peak = r32["gflops"]
         sizes = ", ".join(f"{n}: {g:.0f}" for n, g in r32["by_size"].items())
-        lines += [f"**Matmul peak** (square matmuls, best of 5 per size): fp32 {peak:.0f} GFLOP/s (by size: {sizes}); "
+        lines += [f"**Matmul peak** (square matmuls, best of 5 per size): fp32 {r32['gflops']:.0f} GFLOP/s by wall time, "
+                  f"{r32['gflops_cpu']:.0f} by CPU time (÷ threads) (by size, wall: {sizes}); "
                   f"bf16 {r16['gflops']:.1f} GFLOP/s ({r16['n']}x{r16['n']}; no native bf16 on this CPU, so no bf16 "
                   "training is measured).", ""]
     real = [k for k in results if k.startswith("real-")]
@@ -640,32 +748,7 @@ def report(results: dict[str, list[list[dict[str, Any]]]], info: dict[str, Any],
         lines.append("")
     steps = [k for k in results if k.startswith("step-")]
     if steps:
-        job0 = results[steps[0]][0][0]["job"]
-        lines += [f"**2-3, 5-6. Fixed-shape training step** (random weights, batch {job0['batch']} x {job0['seq']}, "
-                  "fp32, forward + backward + clip + AdamW; the configurations' steps interleaved in one process, "
-                  f"{job0['steps']} timed rounds after one untimed step each: medians, and medians of the per-round "
-                  "ratios; peak memory from a process of its own per configuration)", "",
-                  "| model | configuration | s/step | vs PEFT | vs full FT | first step s | trainable | GFLOP/step | "
-                  "GFLOP/s | of fp32 peak | peak MB |",
-                  "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
-        for key in steps:
-            timing, memory = results[key][0][0], results[key][1:]
-            configs = timing["configs"]
-            for c, spec in zip(configs, timing["job"]["configs"]):
-                name = {"peftkit": "peftkit LoRA", "peft": "PEFT LoRA", "full": "full FT (peftkit)"}[spec["stack"]]
-                if spec.get("variant"):
-                    name += f", {spec['variant']}"
-                of_peak = f"{c['gflops'] / peak:.0%}" if peak else "-"
-                mem = [m[0] for m in memory if {k: m[0]["job"].get(k) for k in spec} == spec]
-                peak_mb = f"{mem[0]['peak_delta_mb']:.0f}" if mem else "-"
-                lines.append(f"| {timing['job']['shape']} | {name} | {c['median_s']:.2f} | "
-                             f"{_ratio(c['times'], configs[1]['times']):.2f}x | {_ratio(c['times'], configs[2]['times']):.2f}x | "
-                             f"{c['first_step_s']:.1f} | {c['trainable']:,} | {c['flops']['total'] / 1e9:.0f} | "
-                             f"{c['gflops']:.0f} | {of_peak} | {peak_mb} |")
-        lines += ["", "FLOPs are counted from the model's matmuls, not as 6N: per token 2n forward and 2n backward "
-                  "(input gradient) for every linear weight of n elements (LM head included), 2n more only for "
-                  "trainable weights (the weight gradient); causal attention 2·S²·d per sequence and layer forward, "
-                  "twice that backward.", ""]
+        lines += step_report(results, steps)
     if "gen" in results:
         timing, memory = results["gen"][0][0], results["gen"][1:]
         job0 = timing["job"]
@@ -681,6 +764,67 @@ def report(results: dict[str, list[list[dict[str, Any]]]], info: dict[str, Any],
                          f"{memory[i][0]['peak_delta_mb']:.0f} |")
         lines.append("")
     return "\n".join(lines) + "\n"
+
+
+STEP_NAMES = {"peftkit": "peftkit LoRA", "peft": "PEFT LoRA", "full": "full FT (peftkit)"}
+
+
+def step_report(results: dict[str, list[list[dict[str, Any]]]], steps: list[str]) -> list[str]:
+    """The fixed-shape step table: wall and CPU-time figures side by side, against the interleaved peak."""
+    job0 = results[steps[0]][0][0]["job"]
+    timing0 = results[steps[0]][0][0]
+    peak0 = timing0["peak"]
+    lines = [f"**2-3, 5-6. Fixed-shape training step** (random weights, batch {job0['batch']} x {job0['seq']}, "
+             "fp32, forward + backward + clip + AdamW; the configurations' steps interleaved in one process, "
+             f"{job0['steps']} timed rounds after one untimed step each, each round starting one configuration "
+             "further on: medians, and medians of the per-round ratios; peak memory from a process of its own per "
+             f"configuration). {timing0['threads']} torch thread(s). peftkit rows use the fused head + loss "
+             "(`lm_loss_sum(..., fused_loss=True)`, passed explicitly) unless marked *plain loss*; both stacks: fused "
+             "AdamW, weight decay 0 and gradient clipping at 1.0 (the Trainer's defaults).", "",
+             "Two clocks: **wall** time, and this process's **CPU time** ÷ torch threads (a shared CPU's other work "
+             "inflates the first, not the second). The fp32 matmul peak is measured both ways in the same process "
+             f"before every round ({peak0['n']}x{peak0['n']}, best of {job0.get('peak_repeats', PEAK_REPEATS)}; "
+             "median over rounds), and each row's % of peak uses the peak by the same clock. *on CPU*: CPU time ÷ "
+             "(wall x threads), 1.00 when nothing else wanted the cores; *switches*: involuntary context switches "
+             "per step (the scheduler taking the core away).", "",
+             "| model | configuration | s/step wall | s/step CPU | vs PEFT wall / CPU | vs full FT wall / CPU | "
+             "first step s | trainable | GFLOP/step | GFLOP/s wall | % of peak wall | GFLOP/s CPU | % of peak CPU | "
+             "on CPU | switches/step | peak MB |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    peaks = []
+    for key in steps:
+        timing, memory = results[key][0][0], results[key][1:]
+        configs, specs, threads = timing["configs"], timing["job"]["configs"], timing["threads"]
+        ref = {s["stack"]: configs[i] for i, s in enumerate(specs) if s["stack"] in ("peft", "full") and not s.get("variant")}
+        for c, spec in zip(configs, specs):
+            name = STEP_NAMES[spec["stack"]] + (f", {spec['variant']}" if spec.get("variant") else "")
+            mem = [m[0] for m in memory if {k: m[0]["job"].get(k) for k in spec} == spec]
+            peak_mb = f"{mem[0]['peak_delta_mb']:.0f}" if mem else "-"
+            vs = {k: f"{_ratio(c['times'], r['times']):.2f}x / {_ratio(c['cpu_times'], r['cpu_times']):.2f}x" if r else "-"
+                  for k, r in (("peft", ref.get("peft")), ("full", ref.get("full")))}
+            lines.append(f"| {timing['job']['shape']} | {name} | {c['median_s']:.2f} | {c['median_cpu_s'] / threads:.2f} | "
+                         f"{vs['peft']} | {vs['full']} | {c['first_step_s']:.1f} | {c['trainable']:,} | "
+                         f"{c['flops']['total'] / 1e9:.0f} | {c['gflops']:.0f} | {c['of_peak']:.0%} | "
+                         f"{c['gflops_cpu']:.0f} | {c['of_peak_cpu']:.0%} | {c['on_cpu']:.2f} | "
+                         f"{c['nivcsw_per_step']:.0f} | {peak_mb} |")
+        p = timing["peak"]
+        load = timing["load"]
+        peaks.append(f"{timing['job']['shape']} job: {p['gflops']:.0f} wall, {p['gflops_cpu']:.0f} CPU time (rounds: "
+                     + ", ".join(f"{r['gflops']:.0f}/{r['gflops_cpu']:.0f}" for r in p["rounds"])
+                     + f"; load average {load['load_average_start'][0]:.1f} -> {load['load_average_end'][0]:.1f})")
+    return lines + ["", "fp32 matmul peak in GFLOP/s, median over the rounds (per round wall/CPU): " + "; ".join(peaks) + ".",
+                    "", "FLOPs are counted from the model's matmuls, not as 6N: per token 2n forward and 2n backward "
+                    "(input gradient) for every linear weight of n elements (LM head included), 2n more only for "
+                    "trainable weights (the weight gradient); causal attention 2·S²·d per sequence and layer forward, "
+                    "twice that backward.", ""]
+
+
+def _fused_default_text(d: dict[str, Any] | None) -> str:
+    if not d:
+        return "unknown"
+    on = d.get("train.fused_loss") if d.get("train.fused_loss") is not None else d.get("lm_loss_sum")
+    where = "train.fused_loss" if d.get("train.fused_loss") is not None else "lm_loss_sum's fused_loss"
+    return f"fused head + loss {'on' if on else 'off'} ({where} default: {on})"
 
 
 def _ratio(times: list[float], reference: list[float]) -> float:

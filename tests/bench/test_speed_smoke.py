@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -32,18 +33,72 @@ def test_quick_run_reports_every_part(tmp_path: Path) -> None:
     table = (tmp_path / "speed.md").read_text()
     for heading in ("Matmul peak", "LoRA training on real data", "Fixed-shape training step", "Generation latency"):
         assert heading in table
+    for column in ("s/step CPU", "GFLOP/s wall", "% of peak wall", "GFLOP/s CPU", "% of peak CPU", "switches/step",
+                   "| llama | peftkit LoRA, plain loss |", "fp32 matmul peak in GFLOP/s, median over the rounds"):
+        assert column in table
     data = json.loads((tmp_path / "speed.json").read_text())
+    machine = data["machine"]
+    assert len(machine["load_average"]) == len(machine["load_average_end"]) == 3
+    assert set(machine["peftkit_fused_loss_default"]) == {"lm_loss_sum", "train.fused_loss"}
     results = data["results"]
+    r32 = results["matmul"][0][0]
+    assert r32["gflops"] > 0 and r32["gflops_cpu"] > 0
     assert set(results) == {"matmul", "step-gpt2", "step-llama", "gen", "real-rotten-tomatoes", "real-chatterbot"}
     for runs in results["real-rotten-tomatoes"]:
         r = runs[0]
         assert r["seconds"] > 0 and r["real_tokens"] > 0 and r["processed_tokens"] >= r["real_tokens"]
-    timing = results["step-llama"][0][0]  # the timed configs run alternating in one process; then memory runs
-    assert [c["stack"] for c in timing["job"]["configs"]][:3] == ["peftkit", "peft", "full"]
-    lora, peft_lora, full = timing["configs"][:3]
-    assert lora["trainable"] == peft_lora["trainable"] < full["trainable"]
-    assert all(c["median_s"] > 0 and c["gflops"] > 0 for c in timing["configs"])
+    for shape in ("gpt2", "llama"):
+        _check_step_timing(results[f"step-{shape}"][0][0])  # the timed configs alternate in one process
+        memory_jobs = [runs[0]["job"] for runs in results[f"step-{shape}"][1:]]  # then one memory run per config
+        assert [j.get("fused_loss") for j in memory_jobs] == [True, False, None, True]
     assert [runs[0]["job"].get("variant") for runs in results["gen"]][-3:] == ["base", "merged", "unmerged"]
+
+
+def _check_step_timing(timing: dict) -> None:
+    specs = timing["job"]["configs"]
+    assert [(c["stack"], c.get("fused_loss")) for c in specs] == [
+        ("peftkit", True), ("peftkit", False), ("peft", None), ("full", True)]  # the loss path is always named
+    lora, plain, peft_lora, full = timing["configs"]
+    assert lora["trainable"] == plain["trainable"] == peft_lora["trainable"] < full["trainable"]
+    assert lora["flops"] == plain["flops"]
+    assert timing["threads"] == 1
+    for c in timing["configs"]:
+        assert len(c["times"]) == len(c["cpu_times"]) == len(c["nivcsw"]) == 2  # --quick: two rounds
+        assert c["median_s"] > 0 and c["median_cpu_s"] > 0 and c["gflops"] > 0 and c["gflops_cpu"] > 0
+        assert 0 < c["of_peak"] < 1.5 and 0 < c["of_peak_cpu"] < 1.5  # tiny models: far below the matmul peak
+        assert 0 < c["on_cpu"] <= 1.2 and all(isinstance(n, int) and n >= 0 for n in c["nivcsw"])
+        # the same optimizer settings on both stacks: fused AdamW, no weight decay, clipping at 1 (the Trainer's)
+        assert c["fused_adamw"] and c["weight_decay"] == [0.0] and c["max_grad_norm"] == 1.0
+    peak = timing["peak"]
+    assert len(peak["rounds"]) == 2 and peak["gflops"] > 0 and peak["gflops_cpu"] > 0
+    assert peak["gflops"] == pytest.approx(statistics.median(r["gflops"] for r in peak["rounds"]))
+    load = timing["load"]
+    assert len(load["load_average_start"]) == len(load["load_average_end"]) == 3
+    assert load["nivcsw"] >= 0 and load["cpu_s"] > 0 and load["threads"] == 1
+
+
+def test_cpu_time_is_divided_by_threads() -> None:
+    """Two threads busy for 1 s of wall time: 2 CPU seconds, the same GFLOP/s by either clock, on CPU 1.0;
+    half that CPU time (a descheduled second) leaves the CPU figure as it was and halves ``on_cpu``."""
+    speed = _speed_module()
+    info = {"flops": {"total": 10e9}, "trainable": 1}
+    peak = {"gflops": 20.0, "gflops_cpu": 20.0}
+    idle = speed.step_stats([(1.0, 2.0, 0), (1.0, 2.0, 0)], 1.0, info, 2, peak)
+    assert idle["gflops"] == idle["gflops_cpu"] == pytest.approx(10.0) and idle["on_cpu"] == pytest.approx(1.0)
+    assert idle["of_peak"] == idle["of_peak_cpu"] == pytest.approx(0.5)
+    busy = speed.step_stats([(2.0, 2.0, 7), (2.0, 2.0, 9)], 1.0, info, 2, peak)
+    assert busy["gflops"] == pytest.approx(5.0) and busy["gflops_cpu"] == pytest.approx(10.0)
+    assert busy["on_cpu"] == pytest.approx(0.5) and busy["nivcsw_per_step"] == 8
+
+
+def test_reference_settings_are_the_trainers_defaults(tmp_path: Path) -> None:
+    """The PEFT step copies transformers' Trainer: its default optimizer, weight decay and clipping."""
+    from transformers import TrainingArguments
+
+    speed = _speed_module()
+    args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to="none")
+    assert str(getattr(args.optim, "value", args.optim)) == speed.REFERENCE["optim"]
+    assert (args.weight_decay, args.max_grad_norm) == (speed.REFERENCE["weight_decay"], speed.REFERENCE["max_grad_norm"])
 
 
 def test_worker_runs_in_its_own_process() -> None:

@@ -61,20 +61,27 @@ def test_cached_batched_scoring_equals_naive_with_a_trained_llama_adapter(tiny_l
 
 
 def test_classify_picks_the_option_the_model_was_taught(tiny_lm, tmp_path):
-    """A constructed case with a known answer: train the tiny LM until it says the label, then classify."""
+    """A constructed case with a known answer: train the tiny LM until it says the label, then classify.
+
+    Each review is its word repeated: with one token to find, some initialisations of the tiny model never
+    learn to tell two of the words apart (its attention at init is nearly one-hot). A full batch, lr 5e-3 with
+    a cosine decay: passed for 16 of 16 model initialisations with the fused and with the plain loss (worst
+    margin 8.3 nats, the two losses' margins within 0.5 nats of each other), where lr 1e-2, constant, batches
+    of 8 and single-word reviews failed for 3-5 of 8, different ones with the two losses.
+    """
     from peftkit.data.tokenize import encode_all
     from peftkit.train.config import TrainConfig
     from peftkit.train.loop import Trainer
 
     model, tok = tiny_lm
     template = Template.create(tok)
-    rows = [{"instruction": "Is this good?", "input": w, "output": lab}
+    rows = [{"instruction": "Is this good?", "input": " ".join([w] * 6), "output": lab}
             for w, lab in [("great", "positive"), ("awful", "negative"), ("superb", "positive"), ("bad", "negative")]]
     before = classify(model, template, rows, ["negative", "positive"])
     # every weight trains (the loop is method-agnostic): the tiny model memorises the four labels quickly
-    Trainer(model, encode_all(template, rows * 4, 64).examples, [], TrainConfig(max_steps=60, batch_size=8, lr=1e-2,
-            warmup_steps=0, save_every=0, eval_every=0, schedule="constant"), tok.pad_token_id, tmp_path,
+    Trainer(model, encode_all(template, rows * 4, 64).examples, [], TrainConfig(max_steps=60, batch_size=16, lr=5e-3,
+            warmup_steps=5, save_every=0, eval_every=0, schedule="cosine"), tok.pad_token_id, tmp_path,
             show_progress=False).fit()
     after = classify(model, template, rows, ["negative", "positive"])
     assert after.accuracy == 1.0 and after.predictions == [r["output"] for r in rows]
-    assert before.n == after.n == 4
+    assert before.accuracy < 1.0 and before.n == after.n == 4  # it was taught, not lucky at init

@@ -371,3 +371,65 @@ def test_second_adapter_must_match_the_quantized_base(tiny_llama):
     peftkit.inject(fp32, peftkit.LoraConfig(r=4, target_modules="all-linear"), "plain")
     with pytest.raises(ConfigError, match="unquantized layer"):
         peftkit.inject(fp32, QLoraConfig(r=4), "second")
+
+
+@pytest.mark.parametrize("out_f,in_f,block_bytes", [(30, 48, 4 * 48 * 5), (96, 256, 4 * 256 * 16), (7, 64, 2**20)])
+def test_blockwise_4bit_layer_equals_bitsandbytes_path(monkeypatch, out_f, in_f, block_bytes):
+    """The CPU 4-bit layer dequantizes blocks of rows (methods/_nf4.py): the same outputs as bitsandbytes' whole-
+    weight path (the oracle), input gradients equal to rounding, no block above BLOCK_BYTES of fp32."""
+    import bitsandbytes as bnb
+
+    import peftkit.methods._nf4 as nf4
+
+    monkeypatch.setattr(nf4, "BLOCK_BYTES", block_bytes)  # several blocks, a last partial one
+    q = quantize_linear(_linear(out_f=out_f, in_f=in_f), bits=4)
+    assert isinstance(q, nf4.BlockwiseLinear4bit) and isinstance(q, bnb.nn.Linear4bit)
+    blocks = list(nf4.dequantized_blocks(q.weight.data, q.weight.quant_state, torch.float32))
+    assert all(w.numel() * 4 <= max(block_bytes, 4 * in_f * 64) for _, w in blocks)
+    assert torch.equal(torch.cat([w for _, w in blocks]), dequantize_weight(q))
+    x = torch.randn(2, 5, in_f, requires_grad=True)
+    y = q(x)
+    x_ref = x.detach().clone().requires_grad_(True)
+    ref = bnb.nn.Linear4bit.forward(q, x_ref)  # bitsandbytes' own CPU path on the same weight
+    torch.testing.assert_close(y, ref, rtol=1e-6, atol=1e-6)  # the bias is added after, not inside the GEMM
+    g = torch.randn_like(y)
+    y.backward(g)
+    ref.backward(g)
+    torch.testing.assert_close(x.grad, x_ref.grad, rtol=1e-5, atol=1e-6)
+    assert q.weight.grad is None and q.bias.grad is None
+
+
+def test_memory_prediction_counts_one_dequantized_block_for_4bit(tiny_llama):
+    """The predictor's transient for a 4-bit base is one dequantized block + the layer's scales (methods/_nf4.py),
+    not the whole fp32 weight; an 8-bit base still dequantizes whole weights."""
+    from peftkit.methods._nf4 import BLOCK_BYTES
+    from peftkit.train.memory import _dequantized_copies, _quantized_sizes
+
+    big = 32000 * 2048  # a 1B model's head: 262 MB in fp32
+    assert _dequantized_copies([(big, 4)]) == (BLOCK_BYTES + 4 * big // BLOCK, 0)  # above glibc's mmap threshold
+    assert _dequantized_copies([(1024, 4)]) == (4 * 1024 + 4 * 1024 // BLOCK, 4 * 1024)  # smaller than a block
+    assert _dequantized_copies([(big, 8), (1024, 8)]) == (4 * big, 4 * 1024)  # above glibc's mmap threshold: not churned
+    model = _qlora(tiny_llama, bits=4)
+    sizes = _quantized_sizes(model)
+    assert sizes and all(bits == 4 for _, bits in sizes)
+    assert sorted(n for n, _ in sizes) == sorted(m.weight.quant_state.shape.numel() for m in model.modules() if is_quantized(m))
+
+
+@pytest.mark.parametrize("double_quant", [True, False])
+@pytest.mark.parametrize("out_f,in_f", [(30, 48), (200, 256)])
+def test_quantizing_by_rows_equals_bitsandbytes_quantization(monkeypatch, double_quant, out_f, in_f):
+    """Quantizing a block of rows at a time (no whole-weight temporaries) gives bitsandbytes' bytes and state."""
+    import bitsandbytes.functional as bf
+
+    import peftkit.methods._nf4 as nf4
+
+    monkeypatch.setattr(nf4, "BLOCK_BYTES", 4 * in_f * 16)  # several row blocks and a partial last one
+    w = _linear(out_f=out_f, in_f=in_f).weight.detach()
+    packed, state = nf4.quantize_4bit_by_rows(w, "nf4", double_quant, BLOCK)
+    ref_packed, ref = bf.quantize_4bit(w, blocksize=BLOCK, compress_statistics=double_quant, quant_type="nf4")
+    assert torch.equal(packed, ref_packed) and torch.equal(state.absmax, ref.absmax)
+    assert state.shape == ref.shape and state.blocksize == ref.blocksize and state.nested == ref.nested
+    if double_quant:
+        assert torch.equal(state.offset, ref.offset) and torch.equal(state.state2.absmax, ref.state2.absmax)
+    q = quantize_linear(_linear(out_f=out_f, in_f=in_f), bits=4, double_quant=double_quant)
+    assert torch.equal(q.weight.data, ref_packed) and torch.equal(dequantize_weight(q), bf.dequantize_4bit(ref_packed, ref))

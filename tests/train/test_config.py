@@ -30,6 +30,7 @@ def test_method_as_plain_name_and_switch():
         (["method.name=lorra"], r"unknown method 'lorra' \(did you mean 'lora'\?\)"),
         (["train.batch_size=abc"], r"train\.batch_size must be int, got 'abc'"),
         (["train.batch_size=0"], r"train\.batch_size must be > 0"),
+        (["train.fused_loss=maybe"], r"train\.fused_loss must be bool, got 'maybe'"),
         (["method.r=-1"], r"method\.r must be a positive integer"),
         (["data.format=xml"], r"data\.format must be one of"),
         (["noequals"], r"is not key=value"),
@@ -38,6 +39,15 @@ def test_method_as_plain_name_and_switch():
 def test_bad_overrides(overrides, message):
     with pytest.raises(ConfigError, match=message):
         load_config(None, overrides)
+
+
+def test_fused_loss_setting():
+    assert load_config(None).train.fused_loss is True
+    assert load_config(None, ["train.fused_loss=false"]).train.fused_loss is False
+    from peftkit.train.config import TrainConfig
+
+    with pytest.raises(ConfigError, match=r"train\.fused_loss must be true or false, got 'no'"):
+        TrainConfig(fused_loss="no")
 
 
 def test_bad_files(tmp_path):

@@ -10,6 +10,7 @@ import torch
 import peftkit
 from peftkit.data.collate import pack_batch, pad_batch
 from peftkit.data.tokenize import IGNORE
+from peftkit.train import lm_head
 from peftkit.train.lm_head import head_positions, labelled_positions, linear_cross_entropy_sum
 from peftkit.train.loop import lm_loss_sum
 from tests.tiny import VOCAB, build_gpt2, build_llama, perturb_adapters
@@ -185,8 +186,10 @@ def test_fused_loss_same_loss_and_grads_and_no_logits(build, share_prefix: bool)
         for g, h in zip(grads, plain_grads, strict=True):
             torch.testing.assert_close(g, h, rtol=1e-5, atol=1e-6)
     handle.remove()
-    # the head ran on a one-position probe once (the check), else on nothing: no logits were made
-    assert [s[1] for s in seen].count(1) == 1 and all(s[1] == 0 for s in seen if s[1] != 1)
+    # the head ran once on the labelled positions (the first-use check: they fit one loss chunk), else on
+    # nothing: no logits were made after that
+    k = int((batch["labels"][:, 1:] != IGNORE).sum(dim=1).max())
+    assert [s[1] for s in seen if s[1] != 0] == [k] and len(seen) >= 2
 
 
 def test_model_that_changes_its_head_output_keeps_its_logits() -> None:
@@ -202,3 +205,86 @@ def test_model_that_changes_its_head_output_keeps_its_logits() -> None:
         warnings.simplefilter("error")  # decided once per model
         again, _ = lm_loss_sum(model, batch, fused_loss=True)
     assert float(again.detach()) == pytest.approx(float(capped.detach()), rel=1e-6)
+
+
+def _capped(model: torch.nn.Module) -> torch.nn.Module:
+    """``model`` soft-capping its logits after the head (as Gemma 2 does), counting its forward calls."""
+    model.calls = 0
+
+    def cap(m, args, out):
+        m.calls += 1
+        out.logits = 30 * torch.tanh(out.logits / 30)
+        return out
+
+    model.register_forward_hook(cap)
+    return model
+
+
+@pytest.mark.parametrize("share_prefix", [False, True])
+def test_failed_head_check_reuses_the_forward_logits(share_prefix: bool) -> None:
+    """A model that changes its head's output, fused loss on: the first call's loss and gradients come from the
+    logits its one forward returned (the check ran the head on every labelled position), not from a second forward."""
+    examples = _examples(3)
+    for e in examples:  # a shared 9-token prefix, for the shared-prefix path
+        e["input_ids"] = [7] * 9 + e["input_ids"]
+        e["labels"] = [IGNORE] * 9 + e["labels"]
+    batch = pad_batch(examples, pad_id=0)
+
+    def loss_and_grads(model: torch.nn.Module, fused: bool) -> tuple[float, list[torch.Tensor]]:
+        model.zero_grad(set_to_none=True)
+        loss, _ = lm_loss_sum(model, batch, share_prefix=share_prefix, fused_loss=fused)
+        loss.backward()
+        return float(loss.detach()), [p.grad.clone() for p in model.parameters() if p.requires_grad]
+
+    plain = _capped(_lora(build_llama))
+    plain_loss, plain_grads = loss_and_grads(plain, fused=False)
+    model = _capped(_lora(build_llama))
+    if share_prefix:
+        lm_loss_sum(model, batch, fused_loss=False)  # the shared-prefix check (plain forwards), out of the way
+    model.calls = 0
+    with pytest.warns(UserWarning, match="changes its head's output"):
+        loss, grads = loss_and_grads(model, fused=True)
+    assert model.calls == (2 if share_prefix else 1)  # one forward (the shared prefix is its own model call)
+    assert loss == pytest.approx(plain_loss, rel=1e-6)
+    for g, h in zip(grads, plain_grads, strict=True):
+        torch.testing.assert_close(g, h, rtol=1e-5, atol=1e-6)
+
+
+def test_failed_check_on_a_probe_runs_the_plain_loss(monkeypatch) -> None:
+    """Labelled positions that do not fit one loss chunk are checked on a (B, 1) probe, whose logits cannot give
+    the loss: a model failing that check runs its first batch again with the plain loss (once per model)."""
+    monkeypatch.setattr(lm_head, "MIN_CHUNK_ROWS", 2)
+    monkeypatch.setattr(lm_head, "CHUNK_BYTES", 1)  # chunks of 2 positions: B x K = 16 is checked on a probe
+    model = _capped(_lora(build_llama))
+    batch = pad_batch(_examples(), pad_id=0)
+    capped, _ = lm_loss_sum(model, batch, fused_loss=False)
+    model.calls = 0
+    with pytest.warns(UserWarning, match="changes its head's output"):
+        loss, _ = lm_loss_sum(model, batch, share_prefix=False)
+    assert model.calls == 2 and float(loss.detach()) == pytest.approx(float(capped.detach()), rel=1e-6)
+    model.calls = 0
+    lm_loss_sum(model, batch, share_prefix=False)
+    assert model.calls == 1  # remembered: the plain loss from then on
+
+
+def test_train_fused_loss_setting_reaches_the_loss(tmp_path, monkeypatch) -> None:
+    """The trainer's next-token loss follows ``train.fused_loss`` (the default: on)."""
+    from peftkit.train import loop
+    from peftkit.train.config import TrainConfig
+
+    seen: list[bool] = []
+    real = loop.lm_loss_sum
+
+    def spy(model, batch, **kw):
+        seen.append(kw.get("fused_loss", True))
+        return real(model, batch, **kw)
+
+    monkeypatch.setattr(loop, "lm_loss_sum", spy)
+    for fused in (True, False):
+        cfg = TrainConfig(max_steps=1, batch_size=4, lr=1e-3, warmup_steps=0, save_every=0, eval_every=0,
+                          fused_loss=fused)
+        loop.Trainer(_lora(build_llama), _examples(), _examples(1), cfg, 0, tmp_path / str(fused),
+                     show_progress=False).fit()  # one step, then the final validation loss
+        assert seen and set(seen) == {fused}
+        seen.clear()
+    assert TrainConfig().fused_loss is True

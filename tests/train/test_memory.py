@@ -14,7 +14,10 @@ import torch
 from peftkit.core.inject import inject
 from peftkit.data.tokenize import IGNORE
 from peftkit.train.config import load_config
-from peftkit.train.memory import MB, BatchShape, measure_runtime_mb, measure_shape, predict_memory
+from peftkit.train.memory import (
+    MB, BatchShape, build_meta_model, fused_loss_applies, head_loss_bytes, measure_runtime_mb, measure_shape,
+    predict_memory,
+)
 
 METHODS = [
     ["method.name=lora"],
@@ -119,7 +122,7 @@ def test_layer_activations_match_what_autograd_saves(hf_base_dir, overrides):
     batch = {"input_ids": ids, "attention_mask": mask, "labels": labels}
     saved = _saved_in_layers(model, lambda: lm_loss_sum(model, batch, share_prefix=False))
     pred = predict_memory(cfg, model, BatchShape(rows=4, width=24, labelled=3))
-    logits = 4 * 3 * model.config.vocab_size * (4 + 4 + 4)
+    logits = head_loss_bytes(4, 3, model.config.vocab_size, 4, fused_loss_applies(cfg, model))
     assert abs(pred.activations * MB - logits - saved) / saved < 0.1, (pred.activations * MB - logits, saved)
 
 
@@ -228,3 +231,52 @@ REALISTIC = ["train.max_steps=2", "train.eval_every=0", "train.save_every=0", "t
 def test_prediction_matches_peak_rss_smollm2(tmp_path, method, settings):
     predicted, measured = _train_peak(tmp_path, [f"method.name={method}", *settings])
     assert abs(predicted - measured) / measured < 0.25, (predicted, measured)
+
+
+def test_head_and_loss_term_follows_train_fused_loss(hf_base_dir):
+    """Fused: one chunk of the (B x K, V) logits and its fp32 log-softmax (+ the first-use check's logits);
+    plain, or where the fused loss does not apply (an adapted head): (B, K, V) three times."""
+    v = 49152  # SmolLM2's vocabulary: 256-position chunks
+    assert head_loss_bytes(8, 128, v, 4, fused=False) == 8 * 128 * v * 12
+    assert head_loss_bytes(8, 128, v, 4, fused=True) == 256 * v * 8 + 8 * v * 4  # 4 chunks; the check on (B, 1)
+    assert head_loss_bytes(8, 128, v, 4, fused=True, checked_apart=True) == 256 * v * 8
+    assert head_loss_bytes(8, 3, v, 2, fused=True) == 24 * v * 6 + 24 * v * 2  # one chunk: the check on all 24
+    base = [f"model={hf_base_dir('llama')}", "train.batch_size=8", "data.max_length=64"]
+    shape = BatchShape(8, 64, 64)
+    fused = predict_memory(load_config(None, [*base, "method.name=lora"]), shape=shape)
+    plain = predict_memory(load_config(None, [*base, "method.name=lora", "train.fused_loss=false"]), shape=shape)
+    v = 100  # the tiny model: every position in one chunk
+    assert (plain.activations - fused.activations) * MB == pytest.approx(8 * 64 * v * (12 - 8 - 4))
+    head = load_config(None, [*base, "method.name=lora", "method.target_modules=[q_proj, lm_head]"])
+    assert not fused_loss_applies(head, build_meta_model(head))  # a LoRA head is not a plain nn.Linear
+
+
+_CHUNK_PEAK = """
+import sys, torch
+from peftkit.train.lm_head import linear_cross_entropy_sum
+from peftkit.train.tracking import peak_memory_mb, reset_peak_memory
+n, v = int(sys.argv[1]), 49152
+h, w = torch.randn(n, 64, requires_grad=True), torch.randn(v, 64)  # a frozen head (LoRA and friends)
+t = torch.randint(v, (n,))
+linear_cross_entropy_sum(h[:2], w, None, t[:2]).backward()  # lazy initialisations first
+h.grad = None
+reset_peak_memory()
+before = peak_memory_mb()
+linear_cross_entropy_sum(h, w, None, t).backward()
+print(before, peak_memory_mb())
+"""
+
+
+@pytest.mark.parametrize("positions", [200, 700], ids=["one-chunk", "three-chunks"])
+def test_fused_loss_peak_is_what_the_predictor_counts(positions):
+    """Peak RSS of the fused loss (forward + backward, a frozen 49k-wide head) against :func:`head_loss_bytes`:
+    one chunk's head output and log-softmax. glibc hands freed blocks back at once here (``MALLOC_MMAP_THRESHOLD_``),
+    so the peak is the live tensors'."""
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "OMP_NUM_THREADS": "1"}
+    r = subprocess.run([sys.executable, "-c", _CHUNK_PEAK, str(positions)], capture_output=True, text=True, env=env,
+                       timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    before, after = map(float, r.stdout.split()[-2:])
+    measured = (after - before) * MB
+    predicted = head_loss_bytes(1, positions, 49152, 4, fused=True, checked_apart=True)
+    assert abs(measured - predicted) / predicted < 0.1, (measured / MB, predicted / MB)

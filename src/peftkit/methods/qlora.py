@@ -109,10 +109,18 @@ def quantize_linear(linear: nn.Linear, bits: int = 4, quant_type: str = "nf4", d
     w = linear.weight.detach()
     bias = linear.bias is not None
     if bits == 4:
-        q = bnb.nn.Linear4bit(linear.in_features, linear.out_features, bias=bias, compute_dtype=torch.float32,
+        from peftkit.methods._nf4 import BlockwiseLinear4bit, quantize_4bit_by_rows
+
+        q = BlockwiseLinear4bit(linear.in_features, linear.out_features, bias=bias, compute_dtype=torch.float32,
                               compress_statistics=double_quant, quant_type=quant_type, device="meta")
-        q.weight = bnb.nn.Params4bit(w.to(torch.float32).cpu(), requires_grad=False,
-                                     compress_statistics=double_quant, quant_type=quant_type, blocksize=BLOCK)
+        if w.device.type == "cpu":  # quantized a block of rows at a time: no whole-weight temporaries
+            packed, state = quantize_4bit_by_rows(w.to(torch.float32), quant_type, double_quant, BLOCK)
+            q.weight = bnb.nn.Params4bit(packed, requires_grad=False, quant_state=state, blocksize=BLOCK,
+                                         compress_statistics=double_quant, quant_type=quant_type, module=q,
+                                         bnb_quantized=True)
+        else:  # bitsandbytes quantizes on the device when the weight is moved there (below)
+            q.weight = bnb.nn.Params4bit(w.to(torch.float32).cpu(), requires_grad=False,
+                                         compress_statistics=double_quant, quant_type=quant_type, blocksize=BLOCK)
         # the AVX512-BF16 inference repacking in eval() would cut gradients to the input (MEASURED.md)
         q.support_avx512bf16_for_cpu = False
     else:
@@ -209,6 +217,7 @@ def quantize_base(model: nn.Module, config: QLoraConfig,
         if module.weight.is_meta:
             module.weight.peftkit_stored_bytes = quantized_bytes(module.weight.numel(), config.bits,
                                                                  config.double_quant, module.out_features)
+            module.weight.peftkit_quant_bits = config.bits
             continue
         weight = module.weight
         replace_module(model, name, quantize_linear(module, config.bits, config.quant_type, config.double_quant))

@@ -176,6 +176,13 @@ class TrainConfig:
         optimizer: ``adamw`` (torch), or bitsandbytes' ``adamw_8bit`` (8-bit states) / ``paged_adamw_8bit``
             (8-bit states in paged memory) on CUDA. Elsewhere those print a note and use torch's AdamW (on a
             CPU bitsandbytes' AdamW8bit measured ~4x slower, and adapter states are small).
+        fused_loss: next-token runs take the loss with the LM head and cross-entropy fused, by chunks of
+            positions with their gradients in the same pass (:mod:`peftkit.train.lm_head`): the same loss and
+            gradients to float rounding, without the (batch x labelled positions x vocabulary) logits (less
+            memory, a little faster: BENCHMARKS.md). Applies where the model's head is a plain ``nn.Linear``
+            whose output it returns and the run is not distributed; elsewhere (an adapted or quantized head,
+            soft-capped logits, DDP/FSDP) the plain loss runs anyway. ``false``: the training and validation
+            losses are always the plain one.
     """
 
     max_steps: int = 200
@@ -198,9 +205,11 @@ class TrainConfig:
     distributed: Literal["auto", "none", "ddp", "fsdp"] = "auto"
     on_nan: Literal["stop", "skip"] = "stop"
     optimizer: Literal["adamw", "adamw_8bit", "paged_adamw_8bit"] = "adamw"
+    fused_loss: bool = True
 
     def __post_init__(self) -> None:
         check(self.threads is None or self.threads > 0, f"train.threads must be > 0, got {self.threads}")
+        check(isinstance(self.fused_loss, bool), f"train.fused_loss must be true or false, got {self.fused_loss!r}")
         check(self.optimizer in ("adamw", "adamw_8bit", "paged_adamw_8bit"),
               f"train.optimizer must be adamw, adamw_8bit or paged_adamw_8bit, got {self.optimizer!r}")
         for name in ("max_steps", "batch_size", "grad_accum", "keep_checkpoints", "log_every"):

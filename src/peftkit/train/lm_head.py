@@ -14,11 +14,13 @@ not (B, >= T, d)); the caller then gets full logits and knows from their shape. 
 positions (soft prompts) hands the head (B, N + T, d): the caller's tokens are the last T.
 
 The loss can also be taken without the model ever holding the logits (:class:`HeadCapture`, the default of
-:func:`peftkit.train.loop.lm_loss_sum`): the hook keeps the selected hidden states and hands the head only a
-one-position probe; :func:`linear_cross_entropy_sum` then runs head and cross-entropy together, a chunk of
-positions at a time, and computes their gradients in the same pass (the loss is the last op, so its gradient
-is known in forward: backward only scales them). No (N, V) tensor outlives its chunk, and the log-softmax
-output, the zero-filled NLL gradient and the log-softmax backward of the plain loss are never made. Measured
+:func:`peftkit.train.loop.lm_loss_sum`): the hook keeps the selected hidden states and hands the head nothing
+(after a first-use check, see :class:`HeadCapture`); :func:`linear_cross_entropy_sum` then runs head and
+cross-entropy together, a chunk of positions at a time, and computes their gradients in the same pass (the
+loss is the last op, so its gradient is known in forward: backward only scales them). No (N, V) tensor
+outlives its chunk, and the log-softmax output, the zero-filled NLL gradient and the log-softmax backward of
+the plain loss are never made: at the peak one chunk's head output and its fp32 log-softmax (which becomes
+its gradient) exist, :func:`rows_per_chunk` positions each (what ``peftkit memory`` counts). Measured
 (bench/levers.py, SmolLM2's head, V 49,152, 1020 positions, head frozen): head + loss 0.81-0.85x the time of
 ``F.cross_entropy`` on full logits, peak memory 157 MB instead of 584, the same loss and gradients to float rounding.
 """
@@ -119,20 +121,34 @@ MIN_CHUNK_ROWS = 256
 _HEAD_IS_LOGITS: weakref.WeakKeyDictionary[nn.Module, bool] = weakref.WeakKeyDictionary()
 
 
+def rows_per_chunk(positions: int, vocab: int, rows: int | None = None) -> int:
+    """Positions per chunk of :func:`linear_cross_entropy_sum` for ``positions`` rows and a ``vocab``-wide head.
+
+    About ``rows`` (default: as many as fit :data:`CHUNK_BYTES` of fp32 logits, at least :data:`MIN_CHUNK_ROWS`),
+    made equal over the chunks (within 1.5x of it: no small last chunk, a slow skinny GEMM); at most ``positions``.
+    """
+    rows = rows or max(MIN_CHUNK_ROWS, CHUNK_BYTES // (4 * vocab))
+    chunks = max(1, round(positions / rows))
+    return max(1, math.ceil(positions / chunks))
+
+
 @dataclass
 class HeadCapture:
     """Asks :func:`head_positions` to keep the head's selected input instead of running the head on it.
 
-    On a model's first use the head runs on each row's first selected position, a (B, 1, d) probe: the
-    logits the model returns for it tell whether they are the head's own output (nothing applied after the
-    head, such as Gemma 2's soft-capping); the answer is remembered per model. Later calls hand the head an
-    empty (B, 0, d) input. :meth:`loss_sum` takes the loss from the kept hidden states.
+    On a model's first use the head still runs, so that the logits the model returns tell whether they are the
+    head's own output (nothing applied after the head, such as Gemma 2's soft-capping); the answer is
+    remembered per model. It runs on the whole (B, K, d) selection when those logits are no bigger than one
+    chunk of :func:`linear_cross_entropy_sum` (so the check adds no memory beyond the loss's own peak), and a
+    model that fails the check gets its loss from them, with no second forward; a larger selection is checked
+    on each row's first position, a (B, 1, d) probe. Later calls hand the head an empty (B, 0, d) input.
+    :meth:`loss_sum` takes the loss from the kept hidden states.
     """
 
     head: nn.Linear
-    verify: bool  # first use on this model: run the probe and compare
+    verify: bool  # first use on this model: run the head on (part of) the selection and compare
     hidden: torch.Tensor | None = None  # (B, K, d), set by the hook
-    probe: torch.Tensor | None = None  # (B, 1 or 0, d), what the head ran on
+    probe: torch.Tensor | None = None  # (B, K or 1 or 0, d), what the head ran on
 
     @classmethod
     def for_model(cls, model: nn.Module) -> HeadCapture | None:
@@ -149,22 +165,37 @@ class HeadCapture:
     def select(self, selected: torch.Tensor) -> torch.Tensor:
         """Called by the hook with the head's selected input (B, K, d): keep it, return what the head runs on."""
         self.hidden = selected
-        self.probe = selected[:, :1] if self.verify else selected[:, :0]
+        positions = selected.shape[0] * selected.shape[1]
+        if not self.verify:
+            self.probe = selected[:, :0]
+        elif rows_per_chunk(positions, self.head.out_features) == positions:
+            self.probe = selected  # the check's logits fit one loss chunk: whole, so a failed check can use them
+        else:
+            self.probe = selected[:, :1]
         return self.probe
 
     def loss_sum(self, model: nn.Module, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor | None:
-        """Summed cross-entropy of the kept positions against ``target`` (B, K); None if the model's ``logits``
-        are not its head's output for the probe (remembered for ``model``, with a warning)."""
-        if self.hidden is None:
+        """Summed cross-entropy of the kept positions against ``target`` (B, K).
+
+        On first use, a model whose ``logits`` are not its head's output (remembered for ``model``, with a
+        warning) gets the plain cross-entropy of those logits when the head ran on the whole selection.
+        Returns None when the model's logits cannot give the loss (that check failed on a one-position probe,
+        or the logits are not what the head was given): the caller then runs the plain path.
+        """
+        if self.hidden is None or self.probe is None:
             return None
         if self.verify:
             with torch.no_grad():
-                own = F.linear(self.probe, self.head.weight, self.head.bias)  # (B, 1, V)
+                own = F.linear(self.probe, self.head.weight, self.head.bias)  # (B, K or 1, V): the model's own call
             ok = logits.shape == own.shape and torch.equal(logits.to(own.dtype), own)
+            del own
             _HEAD_IS_LOGITS[model] = ok
             if not ok:
                 warnings.warn(f"{type(model).__name__} changes its head's output: the loss uses the logits it returns",
                               stacklevel=3)
+                if self.probe.shape[1] == target.shape[1] and logits.shape[:2] == target.shape:
+                    return F.cross_entropy(logits.flatten(0, 1).float(), target.flatten(), ignore_index=IGNORE,
+                                           reduction="sum")  # (B*K, V) vs (B*K,): the forward's logits, reused
                 return None
         elif logits.shape[1] != 0:
             return None  # not what the head was given: the caller takes the plain path
@@ -180,17 +211,15 @@ def linear_cross_entropy_sum(hidden: torch.Tensor, weight: torch.Tensor, bias: t
         hidden: (N, d) the head's input at the labelled positions.
         weight: (V, d) and bias (V,) or None: the head.
         target: (N,) token ids (no ignored positions).
-        chunk_rows: about how many positions per chunk (the chunks are made equal, within 1.5x of it); default:
-            as many as fit :data:`CHUNK_BYTES` of fp32 logits, at least :data:`MIN_CHUNK_ROWS`.
+        chunk_rows: about how many positions per chunk (see :func:`rows_per_chunk`, which makes the chunks
+            equal); default: as many as fit :data:`CHUNK_BYTES` of fp32 logits, at least :data:`MIN_CHUNK_ROWS`.
 
     Returns:
         The summed loss, a scalar. With gradients enabled its gradients (to hidden, weight, bias, as they
         require) are computed in this call, so it costs the head's backward too; backward only scales them
         (once: the graph cannot be run backward twice).
     """
-    rows = chunk_rows or max(MIN_CHUNK_ROWS, CHUNK_BYTES // (4 * weight.shape[0]))
-    chunks = max(1, round(hidden.shape[0] / rows))
-    rows = max(1, math.ceil(hidden.shape[0] / chunks))  # equal chunks: no small last one (a slow skinny GEMM)
+    rows = rows_per_chunk(hidden.shape[0], weight.shape[0], chunk_rows)
     if not torch.is_grad_enabled():
         return _LinearCrossEntropy.loss_only(hidden, weight, bias, target, rows)
     return _LinearCrossEntropy.apply(hidden, weight, bias, target, rows)
@@ -233,6 +262,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
                     grad_w += (g.T @ h).to(grad_w.dtype)
             if need_b:
                 grad_b += g.sum(0).to(grad_b.dtype)
+            del logp, g  # before the next chunk's head output: one chunk's (n, V) buffers at a time
         ctx.grads = [grad_h, grad_w, grad_b]  # not saved tensors: backward scales them in place, once
         return loss
 
@@ -250,4 +280,5 @@ class _LinearCrossEntropy(torch.autograd.Function):
         for start in range(0, hidden.shape[0], rows):
             logp = torch.log_softmax(F.linear(hidden[start:start + rows], weight, bias).float(), dim=1)  # (n, V)
             loss -= logp.gather(1, target[start:start + rows].unsqueeze(1)).sum()
+            del logp
         return loss

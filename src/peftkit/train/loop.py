@@ -97,7 +97,7 @@ def model_device(model: nn.Module) -> torch.device:
 
 
 def lm_loss_sum(model: nn.Module, batch: dict[str, torch.Tensor], labelled_only: bool = True,
-                share_prefix: bool = True, fused_loss: bool = False) -> tuple[torch.Tensor, int]:
+                share_prefix: bool = True, fused_loss: bool = True) -> tuple[torch.Tensor, int]:
     """Summed next-token cross-entropy over labelled positions, and how many there were.
 
     Args:
@@ -107,7 +107,9 @@ def lm_loss_sum(model: nn.Module, batch: dict[str, torch.Tensor], labelled_only:
             :mod:`peftkit.train.shared_prefix`): the same loss, checked once per model.
         fused_loss: with ``labelled_only``, run the head and the cross-entropy together by chunks of positions,
             gradients made in the same pass (:func:`peftkit.train.lm_head.linear_cross_entropy_sum`): the same
-            loss without (N, V) logits, where the head is a plain ``nn.Linear`` whose output the model returns.
+            loss without (N, V) logits, where the head is a plain ``nn.Linear`` whose output the model returns
+            and the run is not distributed (elsewhere, e.g. an adapted or quantized head, the plain loss;
+            ``train.fused_loss=false`` turns it off).
     """
     labels = batch["labels"]
     inputs = {k: v for k, v in batch.items() if k != "labels"}
@@ -126,17 +128,19 @@ def lm_loss_sum(model: nn.Module, batch: dict[str, torch.Tensor], labelled_only:
 
 
 def _plain_loss_sum(model: nn.Module, inputs: dict[str, torch.Tensor], target: torch.Tensor,
-                    labelled_only: bool, fused_loss: bool = False) -> torch.Tensor:
+                    labelled_only: bool, fused_loss: bool = True) -> torch.Tensor:
     """One model call over the whole batch; the head only at labelled positions when it can follow that."""
     seq = target.shape[1] + 1
     if labelled_only:
         index, picked = labelled_positions(target)  # (B, K) each
         capture = HeadCapture.for_model(model) if fused_loss else None
         with head_positions(model, index, seq, capture) as applied:
-            logits = model(**inputs, use_cache=False).logits  # (B, 1 or 0, V) if captured, (B, K, V) if applied, else (B, T, V)
+            logits = model(**inputs, use_cache=False).logits  # (B, K|1|0, V) if captured, (B, K, V) if applied, else (B, T, V)
         if capture is not None and capture.hidden is not None:
-            loss = capture.loss_sum(model, logits, picked)
-            return loss if loss is not None else _plain_loss_sum(model, inputs, target, labelled_only)
+            loss = capture.loss_sum(model, logits, picked)  # a failed first-use check reuses these logits
+            # None: the logits cannot give the loss (a failed check on a (B, 1) probe, or a model that changed
+            # what its head returns after the check): the plain path, once per model
+            return loss if loss is not None else _plain_loss_sum(model, inputs, target, labelled_only, False)
         if applied[0] and logits.shape[1] == index.shape[1]:
             return _cross_entropy_sum(logits, picked)
         if logits.shape[1] != seq:  # the model did something the selection cannot follow
@@ -148,13 +152,13 @@ def _plain_loss_sum(model: nn.Module, inputs: dict[str, torch.Tensor], target: t
 
 
 def _prefix_loss_sum(model: nn.Module, inputs: dict[str, torch.Tensor], target: torch.Tensor, prefix: int,
-                     fused_loss: bool = False) -> torch.Tensor:
+                     fused_loss: bool = True) -> torch.Tensor:
     index, picked = labelled_positions(target)  # (B, K), labelled positions all >= prefix
     capture = HeadCapture.for_model(model) if fused_loss else None
     logits, selected = shared_prefix_logits(model, inputs, prefix, index.clamp(min=prefix), capture)  # fillers: any position
     if capture is not None and capture.hidden is not None:
-        loss = capture.loss_sum(model, logits, picked)
-        return loss if loss is not None else _prefix_loss_sum(model, inputs, target, prefix)
+        loss = capture.loss_sum(model, logits, picked)  # None: as in _plain_loss_sum
+        return loss if loss is not None else _prefix_loss_sum(model, inputs, target, prefix, False)
     if selected:
         return _cross_entropy_sum(logits, picked)  # (B, K, V) vs (B, K)
     return _cross_entropy_sum(logits, F.pad(target, (0, 1), value=IGNORE)[:, prefix:])  # (B, T-P, V)
@@ -188,7 +192,17 @@ def _next_token_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[
     return lm_loss_sum(model, batch)  # looked up when called, so a patched lm_loss_sum is the one used
 
 
+def _next_token_loss_unfused(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
+    return lm_loss_sum(model, batch, fused_loss=False)  # also looked up when called
+
+
 LM_OBJECTIVE = Objective(_next_token_loss, lm_label_count)  # next-token prediction: every causal LM run
+LM_OBJECTIVE_UNFUSED = Objective(_next_token_loss_unfused, lm_label_count)  # train.fused_loss=false
+
+
+def objective_for(objective: Objective, cfg: TrainConfig) -> Objective:
+    """The objective a run of ``cfg`` trains with: next-token prediction follows ``train.fused_loss``."""
+    return LM_OBJECTIVE_UNFUSED if objective is LM_OBJECTIVE and not cfg.fused_loss else objective
 
 
 def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
@@ -383,7 +397,7 @@ class Trainer:
         self.packing, self.group_by_length, self.max_length = packing, group_by_length, max_length
         self.show_progress = show_progress
         self.dist = dist
-        self.objective = objective
+        self.objective = objective_for(objective, cfg)
         self.split_padding = split_padding
         self.batch_order, self.val_sets = batch_order, val_sets
         if cfg.compile:

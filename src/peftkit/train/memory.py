@@ -18,9 +18,12 @@ attention output, the MLP's gate/activation/up), and each trained or adapted par
 the first trainable parameter keep nothing for backward when nothing below them trains (LoRA on the
 upper layers, linear probe); anything trained at the input side (soft prompts, embeddings, prefixes,
 a method in layer 0) needs every layer. Gradient checkpointing keeps only each layer's input plus one
-layer recomputed during backward. The logits add (B, K, V) three times: the logits, the fp32 copy
-passed to cross-entropy and its log-softmax (in backward: the log-softmax and two gradients), where K is
-the positions the head runs at (:mod:`peftkit.train.lm_head`: only the labelled ones).
+layer recomputed during backward. The head and the loss add, with K the positions the head runs at
+(:mod:`peftkit.train.lm_head`: only the labelled ones): with the fused loss (``train.fused_loss``, where it
+applies: :func:`fused_loss_applies`) one chunk of :func:`~peftkit.train.lm_head.rows_per_chunk` positions of
+the (B x K, V) logits and its fp32 log-softmax, plus on a run's first batch the logits the first-use check
+makes; with the plain loss (B, K, V) three times: the logits, the fp32 copy passed to cross-entropy and its
+log-softmax (in backward: the log-softmax and two gradients). See :func:`head_loss_bytes`.
 
 What B, T and K are comes from the data (:class:`BatchShape`): the loop pads each batch to its longest row,
 not to ``data.max_length``, runs the leading tokens every row shares once per batch
@@ -69,7 +72,8 @@ RUNTIME_MB = 420.0
 #: (everything but weights, before the first step) was 45-60 MB above a LoRA process's.
 BITSANDBYTES_MB = 60.0
 #: bitsandbytes' CPU quantization of one layer allocates ~5.4x the layer's fp32 size in temporaries (measured:
-#: +238 MB peak for a 2048 x 5632 layer, 44 MB in fp32); with the fp32 layer itself, ~6x.
+#: +238 MB peak for a 2048 x 5632 layer, 44 MB in fp32); with the fp32 layer itself, ~6x. peftkit quantizes a
+#: block of rows (``_nf4.BLOCK_BYTES`` of fp32) at a time, so the temporaries are ~5x one block.
 QUANTIZE_TRANSIENT = 6
 #: what glibc's heap holds beyond the live tensors, as a share of the activations. A step frees its activations in
 #: another order than it made them, and glibc (whose mmap threshold rises to 32 MB once a large block is freed)
@@ -323,19 +327,17 @@ def predict_memory(cfg: RunConfig, model: nn.Module | None = None, shape: BatchS
     if cfg.train.precision == "bf16":  # autocast caches a bf16 copy of every trainable weight it casts
         parts["activations"] += 2 * _trainable_numel(model, torch.float32) / MB
     quantized = _quantized_sizes(model)
-    largest = max(quantized, default=0)
+    largest = max((n for n, _ in quantized), default=0)
     if largest:
         parts["runtime"] += BITSANDBYTES_MB
-    # a quantized layer computes with a dequantized fp32 copy of its weight, made in forward and again in
-    # backward, one at a time (measured: forward + backward of a 32000 x 2048 NF4 layer on a (2, 128) batch
-    # peaked 331 MB above its start: the 250 MB copy, the output and its gradient)
-    parts["activations"] += 4 * largest / MB
-    churned = sum(4 * n for n in quantized if 4 * n <= _MMAP_THRESHOLD_MAX)  # dequantized copies served by the heap
+    transient, churned = _dequantized_copies(quantized)
+    parts["activations"] += transient / MB
     slack = ALLOCATOR_SLACK * parts["activations"] + DEQUANT_SLACK * churned / MB
     parts["allocator"] = 0.0 if "MALLOC_MMAP_THRESHOLD_" in os.environ else slack
     train = sum(parts.values())
     if largest:  # quantized one layer at a time as its pages are read (methods/qlora.py): never the whole fp32 file
-        loading = parts["runtime"] + (weights + QUANTIZE_TRANSIENT * 4 * largest) / MB
+        # the fp32 layer, and bitsandbytes' temporaries for one block of its rows (methods/_nf4.py)
+        loading = parts["runtime"] + (weights + 4 * largest + (QUANTIZE_TRANSIENT - 1) * min(4 * largest, _nf4_block_bytes())) / MB
     else:
         loading = parts["runtime"] + checkpoint / MB
     return MemoryBreakdown(**parts, loading=loading, total=max(train, loading), trainable_params=trainable,
@@ -357,11 +359,47 @@ def _trainable_numel(model: nn.Module, dtype: torch.dtype) -> int:
     return sum(p.numel() for p in _unique_parameters(model) if p.requires_grad and p.dtype == dtype)
 
 
-def _quantized_sizes(model: nn.Module) -> list[int]:
-    """Values of each weight stored quantized (bitsandbytes, or marked so on the meta device)."""
-    return [_logical_numel(p) for p in _unique_parameters(model)
-            if getattr(p, "peftkit_stored_bytes", None) is not None or getattr(p, "quant_state", None) is not None
-            or isinstance(getattr(p, "SCB", None), torch.Tensor)]
+def _quantized_sizes(model: nn.Module) -> list[tuple[int, int]]:
+    """(values, bits) of each weight stored quantized (bitsandbytes, or marked so on the meta device)."""
+    sizes = []
+    for p in _unique_parameters(model):
+        if getattr(p, "quant_state", None) is not None:
+            sizes.append((_logical_numel(p), 4))
+        elif isinstance(getattr(p, "SCB", None), torch.Tensor):
+            sizes.append((_logical_numel(p), 8))
+        elif getattr(p, "peftkit_stored_bytes", None) is not None:
+            sizes.append((_logical_numel(p), getattr(p, "peftkit_quant_bits", 4)))
+    return sizes
+
+
+def _dequantized_copies(quantized: list[tuple[int, int]]) -> tuple[int, int]:
+    """(largest transient, bytes whose churn glibc's heap keeps a share of) for the fp32 copies a quantized
+    base computes with, in forward and again in backward.
+
+    A 4-bit layer dequantizes a block of rows at a time (methods/_nf4.py): its transient is one block and the
+    fp32 scales of the whole weight (values / 64). An 8-bit layer dequantizes its whole weight (bitsandbytes;
+    measured: forward + backward of a 32000 x 2048 layer on a (2, 128) batch peaked ~330 MB above its start).
+    The churn term is the fit of :data:`DEQUANT_SLACK` (whole weights up to glibc's largest mmap threshold,
+    measured on smollm2-135m, where every weight fits one block): it still held after blocks came in (QLoRA's
+    peak there did not move), so it is kept as measured.
+    """
+    from peftkit.methods.qlora import BLOCK
+
+    block_bytes = _nf4_block_bytes()
+    transient = churned = 0
+    for n, bits in quantized:
+        whole = 4 * n
+        transient = max(transient, min(whole, block_bytes) + 4 * -(-n // BLOCK) if bits == 4 else whole)
+        churned += whole if whole <= _MMAP_THRESHOLD_MAX else 0
+    return transient, churned
+
+
+def _nf4_block_bytes() -> int:
+    try:
+        from peftkit.methods._nf4 import BLOCK_BYTES
+    except ImportError:  # bitsandbytes missing: the prediction is for a machine that has it
+        return 4 * MB
+    return BLOCK_BYTES
 
 
 def _parameter_bytes(model: nn.Module) -> tuple[int, int, int, int]:
@@ -527,10 +565,54 @@ def _activation_bytes(hf: Any, cfg: RunConfig, model: nn.Module, first: int, sha
         layers = len(keep) * positions * h * 4 + (one if len(keep) else 0)
     else:
         layers = max(len(keep), 1) * frozen + trained  # with nothing kept, one frozen layer is still in flight in forward
-    # (B, K, V) three times at the peak: in forward the logits, the fp32 copy given to cross-entropy and
-    # its log-softmax (saved); in backward the log-softmax, its gradient and the gradient of the logits
-    logits = b * min(shape.labelled, t) * v * (elem + 4 + 4)
+    logits = head_loss_bytes(b, min(shape.labelled, t), v, elem, fused_loss_applies(cfg, model),
+                             checked_apart=shape.shared_prefix > 0)
     return float(layers + logits)
+
+
+def fused_loss_applies(cfg: RunConfig, model: nn.Module) -> bool:
+    """Whether a run of ``cfg`` takes its loss with the fused head + cross-entropy (what
+    :meth:`peftkit.train.lm_head.HeadCapture.for_model` decides at run time): ``train.fused_loss``, a
+    next-token run, not distributed, a head that is a plain ``nn.Linear`` (not adapted, not quantized or kept in
+    low precision) and no soft-capping after it."""
+    from peftkit.train.lm_head import output_head
+
+    if not cfg.train.fused_loss or cfg.task != "causal_lm" or cfg.train.distributed in ("ddp", "fsdp"):
+        return False
+    config = getattr(model, "config", None)
+    if getattr(config, "final_logit_softcapping", None):  # e.g. Gemma 2: the check finds it and keeps the plain loss
+        return False
+    head = output_head(model)
+    marked = getattr(getattr(head, "weight", None), "peftkit_stored_bytes", None) is not None  # quantized on meta (QLoRA)
+    return type(head) is nn.Linear and not marked
+
+
+def head_loss_bytes(rows: int, labelled: int, vocab: int, elem: int, fused: bool, checked_apart: bool = False) -> int:
+    """Bytes the LM head's output and the loss hold at a step's peak (the end of forward).
+
+    Args:
+        rows / labelled: B, and K the labelled positions per row (where the head runs).
+        vocab: V.
+        elem: bytes per element of the head's output (2 under bf16 autocast, else 4).
+        fused: the fused loss (:func:`peftkit.train.lm_head.linear_cross_entropy_sum`): one chunk of n =
+            :func:`~peftkit.train.lm_head.rows_per_chunk` (B x K, V) positions at a time, its head output
+            (``elem``) and its fp32 log-softmax that becomes its gradient (4), and nothing of it afterwards. On
+            the first batch the head's check (:class:`~peftkit.train.lm_head.HeadCapture`) also holds the logits
+            it made: (B, K, V) when they fit one chunk, else (B, 1, V).
+        checked_apart: the check ran on its own no-gradient batch (the shared-prefix check's two rows), away
+            from the training step's peak.
+
+    Plain loss: (B, K, V) three times: in forward the logits, the fp32 copy given to cross-entropy and its
+    log-softmax (saved); in backward the log-softmax, its gradient and the gradient of the logits.
+    """
+    from peftkit.train.lm_head import rows_per_chunk
+
+    positions = rows * labelled
+    if not fused:
+        return positions * vocab * (elem + 4 + 4)
+    n = rows_per_chunk(positions, vocab)
+    check = 0 if checked_apart else (positions if n == positions else rows) * vocab * elem
+    return n * vocab * (elem + 4) + check
 
 
 def measure_runtime_mb() -> float:
@@ -551,4 +633,5 @@ def predicted_peak_mb(cfg: RunConfig, model: nn.Module, shape: BatchShape | None
 
 
 __all__ = ["BatchShape", "MemoryBreakdown", "RUNTIME_MB", "assumed_shape", "build_meta_model", "data_shape",
-           "expects_shared_prefix", "measure_runtime_mb", "measure_shape", "predict_memory", "predicted_peak_mb"]
+           "expects_shared_prefix", "fused_loss_applies", "head_loss_bytes", "measure_runtime_mb", "measure_shape",
+           "predict_memory", "predicted_peak_mb"]

@@ -1,0 +1,146 @@
+r"""A 4-bit linear layer for QLoRA's frozen base that dequantizes its weight a block of rows at a time (CPU).
+
+bitsandbytes' CPU path for a 4-bit layer (``matmul_4bit``) dequantizes the whole weight to the compute dtype
+in forward, computes ``x·Wᵀ``, and dequantizes the whole weight again in backward for ``grad·W``: a transient
+fp32 copy as large as the layer (46 MB for a 5632 x 2048 MLP projection, 262 MB for a 32000 x 2048 head),
+and its quantization allocates temporaries several times the fp32 weight. On a 1.1B Llama these were the
+largest transients of a QLoRA run (bench/memory.py, BENCHMARKS.md "Memory").
+
+Here the weight is dequantized by blocks of output rows of at most :data:`BLOCK_BYTES` each, and each block's
+product is written into its columns of the output (``out[:, rows] = x·W[rows]ᵀ``; backward accumulates
+``grad[:, rows]·W[rows]``): the same values (the same dequantization kernel, the block boundaries on the
+quantization blocks: outputs and input gradients equal to float rounding), no transient larger
+than one block, and faster (the block is still in cache when the matmul reads it: 0.73-0.84x the time of
+bitsandbytes' path for 2048-wide layers on this CPU, equal on small ones; tests/methods/test_qlora.py).
+
+:func:`quantize_4bit_by_rows` quantizes the same way, a block of rows at a time. The blocks compute in the
+input's dtype (fp32 under peftkit's defaults; under bf16 autocast too, where bitsandbytes' path would compute
+in bf16). On CUDA, and for a weight repacked for AVX512-BF16 inference, bitsandbytes' own kernels run unchanged.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from typing import Any
+
+import bitsandbytes as bnb
+import torch
+from bitsandbytes.nn.modules import fix_4bit_weight_quant_state_from_module
+
+#: fp32 bytes of weight rows dequantized at a time (measured 1-8 MB: 4 MB was as fast as any)
+BLOCK_BYTES = 4 * 2**20
+
+
+def block_absmax(quant_state: Any) -> torch.Tensor:
+    """The fp32 scale of every quantization block (undoing double quantization): ``numel / blocksize`` values."""
+    if quant_state.nested:
+        state2 = quant_state.state2
+        absmax = torch.ops.bitsandbytes.dequantize_blockwise.default(
+            quant_state.absmax, state2.absmax, state2.code, state2.blocksize, torch.float32)
+        return absmax + quant_state.offset
+    return quant_state.absmax.float()
+
+
+def block_rows(out_features: int, in_features: int, blocksize: int) -> int:
+    """Rows per dequantized block: about :data:`BLOCK_BYTES` of fp32, starting on a quantization block."""
+    step = blocksize // math.gcd(in_features, blocksize)  # rows whose values fill whole quantization blocks
+    return min(out_features, max(step, BLOCK_BYTES // (4 * in_features) // step * step))
+
+
+def dequantized_blocks(packed: torch.Tensor, quant_state: Any, dtype: torch.dtype) -> Iterator[tuple[int, torch.Tensor]]:
+    """``(first row, W[rows] in dtype)`` for consecutive blocks of rows of a 4-bit weight (out, in)."""
+    out_features, in_features = quant_state.shape
+    blocksize = quant_state.blocksize
+    rows = block_rows(out_features, in_features, blocksize)
+    absmax = block_absmax(quant_state)  # (numel / blocksize,)
+    flat = packed.view(-1)  # two 4-bit values per byte, row-major
+    for first in range(0, out_features, rows):
+        n = min(rows, out_features - first)
+        lo, hi = first * in_features, (first + n) * in_features  # value range, lo on a block boundary
+        weight = torch.ops.bitsandbytes.dequantize_4bit.default(
+            flat[lo // 2:(hi + 1) // 2], absmax[lo // blocksize:-(-hi // blocksize)], blocksize,
+            quant_state.quant_type, (n, in_features), torch.float32)  # (n, in)
+        yield first, weight if dtype == torch.float32 else weight.to(dtype)
+
+
+def quantize_4bit_by_rows(weight: torch.Tensor, quant_type: str, double_quant: bool,
+                          blocksize: int) -> tuple[torch.Tensor, Any]:
+    """bitsandbytes' ``quantize_4bit`` of a (out, in) weight, run a block of rows at a time: the same packed
+    bytes and quantization state (blocks of ``blocksize`` values are quantized independently; the double
+    quantization of the scales runs once over all of them), without temporaries the size of the whole weight
+    (bitsandbytes' CPU quantization allocates ~2-5x its input: 0.8 GB at the peak for a 32000 x 2048 head).
+
+    Returns:
+        (packed bytes ((numel + 1) // 2, 1) uint8, QuantState)
+    """
+    out_features, in_features = weight.shape
+    numel = weight.numel()
+    packed = torch.empty((numel + 1) // 2, 1, dtype=torch.uint8, device=weight.device)
+    absmax = torch.empty(-(-numel // blocksize), dtype=torch.float32, device=weight.device)
+    rows = block_rows(out_features, in_features, blocksize)
+    for first in range(0, out_features, rows):
+        n = min(rows, out_features - first)
+        lo, hi = first * in_features, (first + n) * in_features
+        part, scales = torch.ops.bitsandbytes.quantize_4bit.default(
+            weight[first:first + n].contiguous(), blocksize, quant_type, torch.uint8)
+        packed[lo // 2:(hi + 1) // 2] = part.view(-1, 1)
+        absmax[lo // blocksize:-(-hi // blocksize)] = scales.view(-1)
+        del part, scales
+    code = bnb.functional.get_4bit_type(quant_type, device=weight.device)
+    shape = weight.shape
+    if not double_quant:
+        return packed, bnb.functional.QuantState(absmax=absmax, shape=shape, dtype=weight.dtype, blocksize=blocksize,
+                                                 code=code, quant_type=quant_type)
+    offset = absmax.mean()
+    qabsmax, state2 = bnb.functional.quantize_blockwise(absmax - offset, blocksize=256)
+    return packed, bnb.functional.QuantState(absmax=qabsmax, shape=shape, dtype=weight.dtype, blocksize=blocksize,
+                                             code=code, quant_type=quant_type, offset=offset, state2=state2)
+
+
+class _BlockwiseMatmul4bit(torch.autograd.Function):
+    """``x·deq(W)ᵀ`` for x (M, in), W 4-bit (out, in); only W's packed bytes are kept for backward."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, packed: torch.Tensor, quant_state: Any) -> torch.Tensor:
+        ctx.quant_state = quant_state
+        ctx.save_for_backward(packed)
+        out = x.new_empty(x.shape[0], quant_state.shape[0])  # (M, out)
+        for first, weight in dequantized_blocks(packed, quant_state, x.dtype):
+            torch.mm(x, weight.T, out=out[:, first:first + weight.shape[0]])  # a column block of out (BLAS ldc)
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, None, None]:
+        if not ctx.needs_input_grad[0]:
+            return None, None, None
+        (packed,) = ctx.saved_tensors
+        grad_x = None  # (M, in)
+        for first, weight in dequantized_blocks(packed, ctx.quant_state, grad.dtype):
+            part = grad[:, first:first + weight.shape[0]]  # (M, n)
+            grad_x = part @ weight if grad_x is None else grad_x.addmm_(part, weight)
+        return grad_x, None, None
+
+
+class BlockwiseLinear4bit(bnb.nn.Linear4bit):
+    """bitsandbytes' ``Linear4bit`` (same parameters, state dict and CUDA path) whose CPU forward and backward
+    dequantize the weight by blocks of rows (:class:`_BlockwiseMatmul4bit`)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        fix_4bit_weight_quant_state_from_module(self)  # as bitsandbytes' forward: a state lost by a copy
+        state = self.weight.quant_state
+        if x.device.type != "cpu" or state is None or getattr(state, "packing_format_for_cpu", False):
+            return super().forward(x)
+        if not self.compute_type_is_set:
+            self.set_compute_type(x)
+            self.compute_type_is_set = True
+        compute = self.compute_dtype or x.dtype
+        flat = x.to(compute).reshape(-1, x.shape[-1])  # (M, in)
+        out = _BlockwiseMatmul4bit.apply(flat, self.weight.data, state).view(*x.shape[:-1], -1)  # (..., out)
+        if self.bias is not None:
+            out = out + self.bias.to(compute)
+        return out.to(x.dtype)
+
+
+__all__ = ["BLOCK_BYTES", "BlockwiseLinear4bit", "block_absmax", "block_rows", "dequantized_blocks",
+           "quantize_4bit_by_rows"]
