@@ -603,11 +603,20 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 def rerender(path: Path) -> str:
     """Refresh a saved report's predictions (the current predictor, same configurations) and its tables."""
     report = json.loads(path.read_text())
-    for row in report["rows"]:
-        spec, variant = MODELS[row["model"]], VARIANTS[row["variant"]]
-        row["predicted"] = predict(spec, variant, row["batch"], row["seq"], row["checkpointing"],
-                                   row.get("malloc_mmap_threshold"))
-        row["predicted_mb"] = row["predicted"]["total"]
+    preload, saved = report.get("machine", {}).get("ld_preload"), os.environ.get("LD_PRELOAD")
+    if preload:  # the predictor leaves glibc's heap term out under another allocator, as the run's workers did
+        os.environ["LD_PRELOAD"] = preload  # only read by the predictor here (a running process loads nothing)
+    try:
+        for row in report["rows"]:
+            spec, variant = MODELS[row["model"]], VARIANTS[row["variant"]]
+            row["predicted"] = predict(spec, variant, row["batch"], row["seq"], row["checkpointing"],
+                                       row.get("malloc_mmap_threshold"))
+            row["predicted_mb"] = row["predicted"]["total"]
+    finally:
+        if preload and saved is None:
+            del os.environ["LD_PRELOAD"]
+        elif preload:
+            os.environ["LD_PRELOAD"] = saved
     report["targets"] = targets(report["rows"])
     text = markdown(report)
     path.write_text(json.dumps(report, indent=2) + "\n")

@@ -146,8 +146,13 @@ def test_gradient_checkpointing_same_gradients(tiny_lm):
 def test_peak_memory_can_be_reset_between_runs():
     from peftkit.train.tracking import peak_memory_mb, reset_peak_memory
 
-    big = torch.ones(64 * 2**20 // 4 * 4)  # 64 MiB touched
-    del big
-    high = peak_memory_mb()
-    reset_peak_memory()
-    assert peak_memory_mb() < high - 32
+    drops = []
+    for _ in range(3):  # the kernel's RSS counters are per-CPU estimates: one clean drop is the evidence asked for
+        big = torch.ones(256 * 2**20 // 4)  # 256 MiB touched (mmapped by glibc: handed back when freed)
+        del big
+        high = peak_memory_mb()
+        reset_peak_memory()
+        drops.append(high - peak_memory_mb())
+        if drops[-1] > 128:
+            break
+    assert max(drops) > 128, drops

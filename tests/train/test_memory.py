@@ -154,10 +154,18 @@ def test_narrower_batches_and_shared_prefixes_predict_less(hf_base_dir):
     assert shared.allocator == pytest.approx(0.5 * shared.activations)
 
 
-def test_allocator_share_is_zero_when_glibc_returns_freed_blocks(hf_base_dir, monkeypatch):
-    monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "131072")
-    pred = predict_memory(load_config(None, [f"model={hf_base_dir('llama')}", "method.name=lora"]))
-    assert pred.allocator == 0 and pred.activations > 0
+@pytest.mark.parametrize("env", [{"MALLOC_MMAP_THRESHOLD_": "131072"},
+                                 {"LD_PRELOAD": "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2"}], ids=["mmap", "jemalloc"])
+def test_allocator_share_is_zero_when_glibc_heap_does_not_keep_freed_blocks(hf_base_dir, monkeypatch, env):
+    monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_", raising=False)
+    monkeypatch.delenv("LD_PRELOAD", raising=False)
+    cfg = load_config(None, [f"model={hf_base_dir('llama')}", "method.name=lora"])
+    default = predict_memory(cfg)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    pred = predict_memory(cfg)
+    assert default.allocator > 0 and pred.allocator == 0 and pred.activations == default.activations > 0
+    assert pred.total == pytest.approx(default.total - default.allocator)
 
 
 def test_cli_measures_the_data_unless_told_not_to(tiny_lm_dir, capsys):

@@ -107,7 +107,8 @@ class MemoryBreakdown:
         activations: tensors saved for backward, plus the logits and their gradient.
         allocator: freed memory glibc's heap keeps (:data:`ALLOCATOR_SLACK` x activations, + :data:`DEQUANT_SLACK`
             x a quantized base's dequantized copies; 0 when the process runs with ``MALLOC_MMAP_THRESHOLD_``,
-            which hands freed blocks back to the OS).
+            which hands freed blocks back to the OS, or under another allocator such as jemalloc
+            (:func:`glibc_heap_keeps_freed_memory`)).
         runtime: the Python/torch/transformers process before the model is loaded (+ bitsandbytes for a
             quantized base).
         loading: the peak while loading: runtime + the fp32 checkpoint; for a quantized base (QLoRA),
@@ -333,16 +334,27 @@ def predict_memory(cfg: RunConfig, model: nn.Module | None = None, shape: BatchS
     transient, churned = _dequantized_copies(quantized)
     parts["activations"] += transient / MB
     slack = ALLOCATOR_SLACK * parts["activations"] + DEQUANT_SLACK * churned / MB
-    parts["allocator"] = 0.0 if "MALLOC_MMAP_THRESHOLD_" in os.environ else slack
+    parts["allocator"] = 0.0 if not glibc_heap_keeps_freed_memory() else slack
     train = sum(parts.values())
     if largest:  # quantized one layer at a time as its pages are read (methods/qlora.py): never the whole fp32 file
         # the fp32 layer, and bitsandbytes' temporaries for one block of its rows (methods/_nf4.py)
-        loading = parts["runtime"] + (weights + 4 * largest + (QUANTIZE_TRANSIENT - 1) * min(4 * largest, _nf4_block_bytes())) / MB
+        temporaries = (QUANTIZE_TRANSIENT - 1) * min(4 * largest, _nf4_block_bytes())
+        loading = parts["runtime"] + (weights + 4 * largest + temporaries) / MB
     else:
         loading = parts["runtime"] + checkpoint / MB
     return MemoryBreakdown(**parts, loading=loading, total=max(train, loading), trainable_params=trainable,
                            frozen_params=frozen, layers_with_backward=keep, tokens=tokens, width=shape.width,
                            labelled=shape.labelled, shared_prefix=shape.shared_prefix, data=shape.source)
+
+
+def glibc_heap_keeps_freed_memory() -> bool:
+    """Whether this process's freed memory is kept by glibc's heap (the ``allocator`` term): not when
+    ``MALLOC_MMAP_THRESHOLD_`` hands freed blocks back, nor when another allocator is preloaded (jemalloc, which
+    returns freed pages after a delay: its measured peaks were at or below the prediction without the term)."""
+    if "MALLOC_MMAP_THRESHOLD_" in os.environ:
+        return False
+    preload = os.path.basename(os.environ.get("LD_PRELOAD", "")).lower()
+    return not any(name in preload for name in ("jemalloc", "tcmalloc", "mimalloc"))
 
 
 def _unique_parameters(model: nn.Module) -> list[nn.Parameter]:
