@@ -20,6 +20,7 @@ in bf16). On CUDA, and for a weight repacked for AVX512-BF16 inference, bitsandb
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Iterator
 from typing import Any
@@ -27,6 +28,8 @@ from typing import Any
 import bitsandbytes as bnb
 import torch
 from bitsandbytes.nn.modules import fix_4bit_weight_quant_state_from_module
+
+from peftkit.methods.qlora import RowBlockMatmul
 
 #: fp32 bytes of weight rows dequantized at a time (measured 1-8 MB: 4 MB was as fast as any)
 BLOCK_BYTES = 4 * 2**20
@@ -98,33 +101,9 @@ def quantize_4bit_by_rows(weight: torch.Tensor, quant_type: str, double_quant: b
                                              code=code, quant_type=quant_type, offset=offset, state2=state2)
 
 
-class _BlockwiseMatmul4bit(torch.autograd.Function):
-    """``x·deq(W)ᵀ`` for x (M, in), W 4-bit (out, in); only W's packed bytes are kept for backward."""
-
-    @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, packed: torch.Tensor, quant_state: Any) -> torch.Tensor:
-        ctx.quant_state = quant_state
-        ctx.save_for_backward(packed)
-        out = x.new_empty(x.shape[0], quant_state.shape[0])  # (M, out)
-        for first, weight in dequantized_blocks(packed, quant_state, x.dtype):
-            torch.mm(x, weight.T, out=out[:, first:first + weight.shape[0]])  # a column block of out (BLAS ldc)
-        return out
-
-    @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, None, None]:
-        if not ctx.needs_input_grad[0]:
-            return None, None, None
-        (packed,) = ctx.saved_tensors
-        grad_x = None  # (M, in)
-        for first, weight in dequantized_blocks(packed, ctx.quant_state, grad.dtype):
-            part = grad[:, first:first + weight.shape[0]]  # (M, n)
-            grad_x = part @ weight if grad_x is None else grad_x.addmm_(part, weight)
-        return grad_x, None, None
-
-
 class BlockwiseLinear4bit(bnb.nn.Linear4bit):
     """bitsandbytes' ``Linear4bit`` (same parameters, state dict and CUDA path) whose CPU forward and backward
-    dequantize the weight by blocks of rows (:class:`_BlockwiseMatmul4bit`)."""
+    dequantize the weight by blocks of rows (:class:`peftkit.methods.qlora.RowBlockMatmul`)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         fix_4bit_weight_quant_state_from_module(self)  # as bitsandbytes' forward: a state lost by a copy
@@ -136,7 +115,9 @@ class BlockwiseLinear4bit(bnb.nn.Linear4bit):
             self.compute_type_is_set = True
         compute = self.compute_dtype or x.dtype
         flat = x.to(compute).reshape(-1, x.shape[-1])  # (M, in)
-        out = _BlockwiseMatmul4bit.apply(flat, self.weight.data, state).view(*x.shape[:-1], -1)  # (..., out)
+        packed = self.weight.data
+        blocks = functools.partial(dequantized_blocks, packed, state)  # only the packed bytes kept for backward
+        out = RowBlockMatmul.apply(flat, blocks, self.out_features).view(*x.shape[:-1], -1)  # (..., out)
         if self.bias is not None:
             out = out + self.bias.to(compute)
         return out.to(x.dtype)

@@ -268,27 +268,37 @@ def _own_linear(linear: nn.Linear) -> nn.Linear:
 UPCAST_ROWS = 4096  # weight rows cast up at a time: 32 MB of fp32 for a 2048-wide head
 
 
-class _UpcastLinear(torch.autograd.Function):
-    """y = x·W^T with a frozen low-precision W cast to x's dtype in blocks of ``UPCAST_ROWS`` rows, in forward
-    and again in backward: at most one block in full precision exists at a time (``F.linear(x, W.float())``
-    would hold the whole fp32 copy, 262 MB for a 32k x 2048 head, and keep it for backward)."""
+class RowBlockMatmul(torch.autograd.Function):
+    """y = x·Wᵀ for x (M, in) and a frozen W (out, in) handed over a block of rows at a time, in forward and
+    again in backward (``blocks(dtype)`` yields ``(first row, W[rows] in dtype)``): at most one block exists in
+    the compute dtype, and nothing but ``blocks`` is kept for backward. Used for a bf16 head cast up
+    (:class:`LowPrecisionLinear`) and for 4-bit weights dequantized (``methods/_nf4.py``)."""
 
     @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        ctx.save_for_backward(weight)
-        out = x.new_empty(*x.shape[:-1], weight.shape[0])  # (..., out)
-        for i in range(0, weight.shape[0], UPCAST_ROWS):
-            out[..., i:i + UPCAST_ROWS] = x @ weight[i:i + UPCAST_ROWS].to(x.dtype).T  # (..., rows)
+    def forward(ctx: Any, x: torch.Tensor, blocks: Callable[[torch.dtype], Any], out_features: int) -> torch.Tensor:
+        ctx.blocks = blocks
+        out = x.new_empty(x.shape[0], out_features)  # (M, out)
+        for first, weight in blocks(x.dtype):
+            torch.mm(x, weight.T, out=out[:, first:first + weight.shape[0]])  # a column block of out (BLAS ldc)
         return out
 
     @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
-        (weight,) = ctx.saved_tensors
-        grad_x = None
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, None, None]:
+        if not ctx.needs_input_grad[0]:
+            return None, None, None
+        grad_x = None  # (M, in)
+        for first, weight in ctx.blocks(grad.dtype):
+            part = grad[:, first:first + weight.shape[0]]  # (M, n)
+            grad_x = part @ weight if grad_x is None else grad_x.addmm_(part, weight)
+        return grad_x, None, None
+
+
+def _upcast_blocks(weight: torch.Tensor) -> Callable[[torch.dtype], Any]:
+    """Blocks of ``UPCAST_ROWS`` rows of a low-precision ``weight``, cast to the asked dtype."""
+    def blocks(dtype: torch.dtype) -> Any:
         for i in range(0, weight.shape[0], UPCAST_ROWS):
-            part = grad[..., i:i + UPCAST_ROWS] @ weight[i:i + UPCAST_ROWS].to(grad.dtype)  # (..., in)
-            grad_x = part if grad_x is None else grad_x.add_(part)
-        return grad_x, None
+            yield i, weight[i:i + UPCAST_ROWS].to(dtype)  # (rows, in)
+    return blocks
 
 
 class LowPrecisionLinear(nn.Linear):
@@ -302,7 +312,8 @@ class LowPrecisionLinear(nn.Linear):
         self.train(linear.training)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = _UpcastLinear.apply(x, self.weight)
+        flat = x.reshape(-1, x.shape[-1])  # (M, in); F.linear(x, W.float()) would hold the whole fp32 copy
+        out = RowBlockMatmul.apply(flat, _upcast_blocks(self.weight), self.out_features).view(*x.shape[:-1], -1)
         return out if self.bias is None else out + self.bias.to(out.dtype)
 
 
@@ -447,5 +458,5 @@ def load_qlora_adapter(model: nn.Module, path: str | os.PathLike, bits: int = 4,
     return model
 
 
-__all__ = ["LowPrecisionLinear", "QLoraConfig", "QLoraLinear", "dequantize_linear", "dequantize_weight", "load_qlora_adapter",
+__all__ = ["LowPrecisionLinear", "RowBlockMatmul", "QLoraConfig", "QLoraLinear", "dequantize_linear", "dequantize_weight", "load_qlora_adapter",
            "quantize_base", "quantize_linear", "quantized_bytes"]
