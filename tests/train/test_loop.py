@@ -144,12 +144,21 @@ def test_gradient_checkpointing_same_gradients(tiny_lm):
 
 
 def test_peak_memory_can_be_reset_between_runs():
+    import ctypes
+    import mmap
+
     from peftkit.train.tracking import peak_memory_mb, reset_peak_memory
 
+    size = 256 * 2**20
     drops = []
     for _ in range(3):  # the kernel's RSS counters are per-CPU estimates: one clean drop is the evidence asked for
-        big = torch.ones(256 * 2**20 // 4)  # 256 MiB touched (mmapped by glibc: handed back when freed)
-        del big
+        # a fresh anonymous mapping, touched and unmapped: a torch tensor could land in heap memory already resident
+        # from earlier tests (glibc reuses a big enough free chunk before it maps), and then RSS would not move
+        region = mmap.mmap(-1, size)
+        view = ctypes.c_char.from_buffer(region)
+        ctypes.memset(ctypes.addressof(view), 1, size)
+        del view
+        region.close()
         high = peak_memory_mb()
         reset_peak_memory()
         drops.append(high - peak_memory_mb())

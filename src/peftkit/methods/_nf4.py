@@ -11,7 +11,10 @@ product is written into its columns of the output (``out[:, rows] = x·W[rows]�
 ``grad[:, rows]·W[rows]``): the same values (the same dequantization kernel, the block boundaries on the
 quantization blocks: outputs and input gradients equal to float rounding), no transient larger
 than one block, and faster (the block is still in cache when the matmul reads it: 0.73-0.84x the time of
-bitsandbytes' path for 2048-wide layers on this CPU, equal on small ones; tests/methods/test_qlora.py).
+bitsandbytes' path for 2048-wide layers on this CPU, equal on small ones; tests/methods/test_qlora.py). Every
+block lands in one reused buffer per thread (:func:`peftkit.methods.qlora.scratch`): a fresh allocation per block
+was ~3 GB of memory a step on a 1.1B model that an allocator handing pages back (jemalloc) faulted in again
+(~800k page faults a step, ~4 s of a 29 s step on this VM).
 
 :func:`quantize_4bit_by_rows` quantizes the same way, a block of rows at a time. The blocks compute in the
 input's dtype (fp32 under peftkit's defaults; under bf16 autocast too, where bitsandbytes' path would compute
@@ -20,6 +23,7 @@ in bf16). On CUDA, and for a weight repacked for AVX512-BF16 inference, bitsandb
 
 from __future__ import annotations
 
+import ctypes
 import functools
 import math
 from collections.abc import Iterator
@@ -27,9 +31,10 @@ from typing import Any
 
 import bitsandbytes as bnb
 import torch
+from bitsandbytes.functional import get_ptr
 from bitsandbytes.nn.modules import fix_4bit_weight_quant_state_from_module
 
-from peftkit.methods.qlora import RowBlockMatmul
+from peftkit.methods.qlora import RowBlockMatmul, scratch
 
 #: fp32 bytes of weight rows dequantized at a time (measured 1-8 MB: 4 MB was as fast as any)
 BLOCK_BYTES = 4 * 2**20
@@ -52,7 +57,9 @@ def block_rows(out_features: int, in_features: int, blocksize: int) -> int:
 
 
 def dequantized_blocks(packed: torch.Tensor, quant_state: Any, dtype: torch.dtype) -> Iterator[tuple[int, torch.Tensor]]:
-    """``(first row, W[rows] in dtype)`` for consecutive blocks of rows of a 4-bit weight (out, in)."""
+    """``(first row, W[rows] in dtype)`` for consecutive blocks of rows of a 4-bit weight (out, in).
+
+    An fp32 block is a view of this thread's :func:`scratch` buffer, valid until the next block is asked for."""
     out_features, in_features = quant_state.shape
     blocksize = quant_state.blocksize
     rows = block_rows(out_features, in_features, blocksize)
@@ -61,10 +68,33 @@ def dequantized_blocks(packed: torch.Tensor, quant_state: Any, dtype: torch.dtyp
     for first in range(0, out_features, rows):
         n = min(rows, out_features - first)
         lo, hi = first * in_features, (first + n) * in_features  # value range, lo on a block boundary
-        weight = torch.ops.bitsandbytes.dequantize_4bit.default(
-            flat[lo // 2:(hi + 1) // 2], absmax[lo // blocksize:-(-hi // blocksize)], blocksize,
-            quant_state.quant_type, (n, in_features), torch.float32)  # (n, in)
+        weight = _dequantize_rows(flat[lo // 2:(hi + 1) // 2], absmax[lo // blocksize:-(-hi // blocksize)],
+                                  blocksize, quant_state.quant_type, n, in_features)  # (n, in)
         yield first, weight if dtype == torch.float32 else weight.to(dtype)
+
+
+def _dequantize_rows(packed: torch.Tensor, absmax: torch.Tensor, blocksize: int, quant_type: str, n: int,
+                     in_features: int) -> torch.Tensor:
+    """(n, in) fp32 values of ``n`` whole rows, written into this thread's :func:`scratch` buffer by
+    bitsandbytes' own CPU kernel (its op has no CPU ``out=`` variant); elsewhere, or where its CPU op takes
+    another route (odd widths; AVX512 with blocks >= 2048), the op itself (a fresh tensor)."""
+    kernel = getattr(_native_lib(), f"cdequantize_blockwise_cpu_{quant_type}_fp32", None)
+    if (packed.device.type != "cpu" or kernel is None or in_features % 2
+            or (blocksize >= 2048 and torch.backends.cpu.get_cpu_capability() == "AVX512")):
+        return torch.ops.bitsandbytes.dequantize_4bit.default(packed, absmax, blocksize, quant_type,
+                                                              (n, in_features), torch.float32)
+    out = scratch(n * in_features, packed.device).view(n, in_features)  # overwritten by the next block
+    packed, absmax = packed.view(torch.uint8).contiguous(), absmax.float().contiguous()
+    kernel(get_ptr(packed), get_ptr(absmax), get_ptr(out), ctypes.c_longlong(blocksize), ctypes.c_longlong(n),
+           ctypes.c_longlong(in_features))
+    return out
+
+
+@functools.cache
+def _native_lib() -> Any:
+    from bitsandbytes.cextension import lib
+
+    return lib
 
 
 def quantize_4bit_by_rows(weight: torch.Tensor, quant_type: str, double_quant: bool,

@@ -30,6 +30,7 @@ import ctypes
 import dataclasses
 import os
 import sys
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -268,6 +269,20 @@ def _own_linear(linear: nn.Linear) -> nn.Linear:
 UPCAST_ROWS = 4096  # weight rows cast up at a time: 32 MB of fp32 for a 2048-wide head
 
 
+_SCRATCH = threading.local()
+
+
+def scratch(numel: int, device: torch.device) -> torch.Tensor:
+    """A flat fp32 buffer of ``numel`` values, reused by this thread on this device: a block of weight rows
+    (dequantized or cast up) is written here instead of a fresh allocation per block. The caller uses it before
+    asking again (:class:`RowBlockMatmul` consumes each block before the next)."""
+    buffers = _SCRATCH.__dict__.setdefault("buffers", {})
+    buf = buffers.get(device)
+    if buf is None or buf.numel() < numel:
+        buf = buffers[device] = torch.empty(numel, dtype=torch.float32, device=device)
+    return buf[:numel]
+
+
 class RowBlockMatmul(torch.autograd.Function):
     """y = x·Wᵀ for x (M, in) and a frozen W (out, in) handed over a block of rows at a time, in forward and
     again in backward (``blocks(dtype)`` yields ``(first row, W[rows] in dtype)``): at most one block exists in
@@ -297,7 +312,11 @@ def _upcast_blocks(weight: torch.Tensor) -> Callable[[torch.dtype], Any]:
     """Blocks of ``UPCAST_ROWS`` rows of a low-precision ``weight``, cast to the asked dtype."""
     def blocks(dtype: torch.dtype) -> Any:
         for i in range(0, weight.shape[0], UPCAST_ROWS):
-            yield i, weight[i:i + UPCAST_ROWS].to(dtype)  # (rows, in)
+            rows = weight[i:i + UPCAST_ROWS]  # (rows, in)
+            if dtype == torch.float32:
+                yield i, scratch(rows.numel(), rows.device).view(rows.shape).copy_(rows)
+            else:
+                yield i, rows.to(dtype)
     return blocks
 
 

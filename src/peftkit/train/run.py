@@ -29,6 +29,7 @@ from peftkit.train.distributed import Dist, full_trainable_params
 from peftkit.train.final_eval import final_evaluation
 from peftkit.train.loop import Trainer
 from peftkit.train.multitask import build_tasks
+from peftkit.allocator import release_free_memory
 from peftkit.train.memory import measure_shape, predicted_peak_mb
 from peftkit.train.shared_prefix import was_shared
 from peftkit.train.tasks import CausalLMTask, get_task
@@ -194,6 +195,7 @@ def _train(cfg: RunConfig, resume: bool, show_progress: bool | None, log: Callab
             save_adapter(model, path)
         prep.task.write_extras(path, splits)
 
+    release_free_memory()  # what loading and quantizing freed goes back to the OS before the steps (jemalloc)
     trainer = Trainer(model, enc_train.examples, enc_val.examples, cfg.train, pad_id, out, export,
                       cfg.data.packing, cfg.data.group_by_length, cfg.data.max_length, show_progress, dist=d,
                       objective=prep.task.objective, **(multi.trainer_kwargs() if multi is not None else {}))
@@ -259,7 +261,10 @@ def _train(cfg: RunConfig, resume: bool, show_progress: bool | None, log: Callab
         summary = d.broadcast(d.run_on_main(finish))
     log(f"done: {state.step} steps, adapter saved to {out / 'adapter'}; peak memory {summary['peak_memory_mb']:.0f} MB")
     if summary.get("predicted_memory_mb") is not None:
-        log(f"memory: predicted {summary['predicted_memory_mb']:.0f} MB, measured {summary['peak_memory_mb']:.0f} MB")
+        from peftkit.allocator import in_use
+
+        log(f"memory: predicted {summary['predicted_memory_mb']:.0f} MB, measured {summary['peak_memory_mb']:.0f} MB "
+            f"(allocator: {in_use()})")
     return summary
 
 

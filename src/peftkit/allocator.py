@@ -1,0 +1,157 @@
+"""The ``peftkit`` command runs under jemalloc when the machine has it (Linux; ``PEFTKIT_ALLOCATOR`` decides).
+
+Training with gradient checkpointing leaves holes in glibc's heap (saved layer inputs pin the memory around
+them), and glibc keeps those pages: on the ~1.1B model QLoRA's peak was 2.05-2.53 GB under glibc's malloc and
+1.74 GB under jemalloc, at the same step time (bench/allocator.py, BENCHMARKS.md "Memory"). The allocator of a
+process is fixed when it starts, so the console command re-executes itself once, with jemalloc in
+``LD_PRELOAD``, before anything heavy is imported. Library use (``import peftkit``) is never affected.
+
+    PEFTKIT_ALLOCATOR=auto      jemalloc when found, else the system's malloc (the default)
+    PEFTKIT_ALLOCATOR=jemalloc  jemalloc, or a one-line error when it is not installed
+    PEFTKIT_ALLOCATOR=system    the system's malloc (glibc), nothing preloaded
+    PEFTKIT_JEMALLOC=PATH       the jemalloc library to use (default: searched in the usual library folders)
+
+jemalloc comes from the system (Debian/Ubuntu: ``apt-get install libjemalloc2``; scripts/setup.sh installs it
+where it may). A ``MALLOC_CONF`` already set is left alone.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Mapping, Sequence
+
+ENV = "PEFTKIT_ALLOCATOR"
+LIBRARY_ENV = "PEFTKIT_JEMALLOC"
+CHOICES = ("auto", "jemalloc", "system")
+GUARD = "_PEFTKIT_ALLOCATOR_SET"  # set in the re-executed process: never exec twice
+# Freed pages stay with jemalloc for reuse (never purged). With jemalloc's default decay the pages of each step's
+# freed activations went back to the OS and were faulted in again the next step (~370k page faults a step on the
+# 1.1B model, ~4.7 us each on this VM: steps ~1.2x glibc's); kept, steps are no slower than glibc's and the peaks
+# still lower for the adapter methods (bench/allocator.py; BENCHMARKS.md "Memory"). A MALLOC_CONF of the user's wins.
+MALLOC_CONF: str | None = "dirty_decay_ms:-1,muzzy_decay_ms:-1"
+LIBRARY_NAMES = ("libjemalloc.so.2", "libjemalloc.so")
+LIBRARY_DIRS = ("/usr/lib/x86_64-linux-gnu", "/usr/lib/aarch64-linux-gnu", "/usr/lib64", "/usr/lib",
+                "/usr/local/lib", "/usr/local/lib64", "/lib/x86_64-linux-gnu", "/lib/aarch64-linux-gnu")
+OTHER_ALLOCATORS = ("jemalloc", "tcmalloc", "mimalloc")
+
+
+class AllocatorError(RuntimeError):
+    """PEFTKIT_ALLOCATOR asks for something this machine cannot give."""
+
+
+def find_jemalloc(dirs: Sequence[str] = LIBRARY_DIRS) -> str | None:
+    """The path of jemalloc's shared library, or None. Searched: ``$VIRTUAL_ENV/lib``, ``$CONDA_PREFIX/lib``, then
+    the usual system library folders."""
+    search = [os.path.join(os.environ[v], "lib") for v in ("VIRTUAL_ENV", "CONDA_PREFIX") if os.environ.get(v)]
+    for folder in [*search, *dirs]:
+        for name in LIBRARY_NAMES:
+            path = os.path.join(folder, name)
+            if os.path.isfile(path):
+                return path
+    return None
+
+
+def preloaded(environ: Mapping[str, str] = os.environ) -> str | None:
+    """Which replacement allocator ``LD_PRELOAD`` names (jemalloc, tcmalloc, mimalloc), or None (the system's)."""
+    for item in environ.get("LD_PRELOAD", "").replace(" ", ":").split(":"):
+        base = os.path.basename(item).lower()
+        for name in OTHER_ALLOCATORS:
+            if name in base:
+                return name
+    return None
+
+
+def plan(environ: Mapping[str, str], platform: str = sys.platform, library: str | None = None,
+         find=find_jemalloc) -> dict[str, str] | None:
+    """The environment to re-execute under, or None to stay as we are.
+
+    Raises :class:`AllocatorError` for a ``PEFTKIT_ALLOCATOR`` value that is unknown, or ``jemalloc`` where it is
+    not installed (or not Linux)."""
+    choice = environ.get(ENV, "auto").strip().lower() or "auto"
+    if choice not in CHOICES:
+        raise AllocatorError(f"{ENV}={environ[ENV]!r}: unknown allocator (choose one of {', '.join(CHOICES)})")
+    if choice == "system" or environ.get(GUARD) or preloaded(environ):
+        return None  # asked not to, done already, or the user preloaded an allocator of their own
+    if not platform.startswith("linux"):
+        if choice == "jemalloc":
+            raise AllocatorError(f"{ENV}=jemalloc: preloading jemalloc is supported on Linux only (this is {platform})")
+        return None
+    if library is None and environ.get(LIBRARY_ENV):
+        library = environ[LIBRARY_ENV]
+        if not os.path.isfile(library):
+            raise AllocatorError(f"{LIBRARY_ENV}={library}: no such file")
+    library = library or find()
+    if library is None:
+        if choice == "jemalloc":
+            raise AllocatorError(f"{ENV}=jemalloc: jemalloc is not installed (Debian/Ubuntu: apt-get install "
+                                 f"libjemalloc2), searched {', '.join(LIBRARY_DIRS)}")
+        return None
+    env = dict(environ)
+    env["LD_PRELOAD"] = ":".join(p for p in (library, environ.get("LD_PRELOAD", "")) if p)
+    if MALLOC_CONF and "MALLOC_CONF" not in environ:
+        env["MALLOC_CONF"] = MALLOC_CONF
+    env[GUARD] = library
+    return env
+
+
+def reexec_under_chosen_allocator(argv: Sequence[str] | None = None) -> None:
+    """Replace this process by the same command under jemalloc when :func:`plan` says so; otherwise return.
+
+    Called by the console command before it imports torch; ``argv`` is the interpreter's command line
+    (default ``sys.orig_argv``: interpreter options, then the script or ``-m peftkit``, then the arguments)."""
+    try:
+        env = plan(os.environ)
+    except AllocatorError as e:
+        print(f"peftkit: error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+    if env is None:
+        return
+    argv = list(sys.orig_argv if argv is None else argv)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    try:
+        os.execve(sys.executable, [sys.executable, *argv[1:]], env)
+    except OSError:  # could not exec (odd interpreter setup): run on under the system's malloc
+        return
+
+
+def in_use() -> str:
+    """The allocator this process runs under: jemalloc / tcmalloc / mimalloc when one is loaded, else ``system``."""
+    try:
+        with open("/proc/self/maps") as f:
+            libraries = {os.path.basename(line.split()[-1]).lower() for line in f if line.rstrip().endswith((".so", ".so.2"))}
+    except OSError:  # not Linux: the environment is all there is to go by
+        return preloaded() or "system"
+    for name in OTHER_ALLOCATORS:
+        if any(name in lib for lib in libraries):
+            return name
+    return "system"
+
+
+def release_free_memory() -> bool:
+    """Hand the freed pages jemalloc keeps back to the OS (all arenas' ``purge``); True when done.
+
+    Under peftkit's settings jemalloc never purges on its own (:data:`MALLOC_CONF`), so what loading and quantizing
+    the model freed would stay resident through training: training calls this once, after the model is built and
+    before the first step (the 1.1B QLoRA peak: 1,783 -> 1,738 MB). A no-op elsewhere (glibc, no jemalloc)."""
+    if in_use() != "jemalloc":
+        return False
+    import ctypes
+
+    try:
+        mallctl = ctypes.CDLL(None).mallctl  # jemalloc's control interface, exported by the preloaded library
+    except (OSError, AttributeError):
+        return False
+    return mallctl(b"arena.4096.purge", None, None, None, ctypes.c_size_t(0)) == 0  # 4096: MALLCTL_ARENAS_ALL
+
+
+def describe() -> str:
+    """One line for ``peftkit info`` and the end of a training run."""
+    name = in_use()
+    if name == "system":
+        hint = ("jemalloc not found: Debian/Ubuntu `apt-get install libjemalloc2` lowers peak memory"
+                if find_jemalloc() is None and not os.environ.get(LIBRARY_ENV)
+                else f"{ENV}={os.environ.get(ENV, 'auto')}")
+        return f"memory allocator: the system's malloc ({hint})"
+    return f"memory allocator: {name} ({ENV}=system for the system's malloc)"

@@ -1,0 +1,148 @@
+"""peftkit.allocator: when the ``peftkit`` command re-executes under jemalloc, and what it says about it."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from peftkit import allocator
+from peftkit.allocator import GUARD, AllocatorError, plan, preloaded
+
+LIB = "/opt/lib/libjemalloc.so.2"
+
+
+def test_auto_preloads_the_library_found_and_marks_the_child():
+    env = plan({"PATH": "/bin"}, platform="linux", find=lambda: LIB)
+    assert env["LD_PRELOAD"] == LIB
+    assert env[GUARD] == LIB
+    assert env["PATH"] == "/bin"
+
+
+def test_a_users_preload_is_kept_after_ours():
+    env = plan({"LD_PRELOAD": "/x/libiomp5.so"}, platform="linux", find=lambda: LIB)
+    assert env["LD_PRELOAD"] == f"{LIB}:/x/libiomp5.so"
+
+
+@pytest.mark.parametrize("environ", [
+    {"PEFTKIT_ALLOCATOR": "system"},
+    {"PEFTKIT_ALLOCATOR": "SYSTEM"},
+    {GUARD: LIB},  # the re-executed process: never twice
+    {"LD_PRELOAD": "/usr/lib/libtcmalloc.so.4"},  # the user chose an allocator
+    {"LD_PRELOAD": "libjemalloc.so.2"},
+])
+def test_no_reexec(environ):
+    assert plan(environ, platform="linux", find=lambda: LIB) is None
+
+
+def test_auto_without_jemalloc_or_off_linux_stays_quietly():
+    assert plan({}, platform="linux", find=lambda: None) is None
+    assert plan({}, platform="darwin", find=lambda: LIB) is None
+
+
+def test_jemalloc_asked_for_but_missing_is_a_one_line_error():
+    with pytest.raises(AllocatorError, match=r"PEFTKIT_ALLOCATOR=jemalloc: jemalloc is not installed .*libjemalloc2"):
+        plan({"PEFTKIT_ALLOCATOR": "jemalloc"}, platform="linux", find=lambda: None)
+    with pytest.raises(AllocatorError, match="Linux only"):
+        plan({"PEFTKIT_ALLOCATOR": "jemalloc"}, platform="darwin", find=lambda: LIB)
+
+
+def test_unknown_choice_and_missing_library_path_are_errors(tmp_path):
+    with pytest.raises(AllocatorError, match=r"PEFTKIT_ALLOCATOR='tcmalloc': unknown allocator \(choose one of auto"):
+        plan({"PEFTKIT_ALLOCATOR": "tcmalloc"}, platform="linux", find=lambda: LIB)
+    missing = tmp_path / "libjemalloc.so.2"
+    with pytest.raises(AllocatorError, match=f"PEFTKIT_JEMALLOC={missing}: no such file"):
+        plan({"PEFTKIT_JEMALLOC": str(missing)}, platform="linux", find=lambda: LIB)
+    missing.write_bytes(b"")
+    assert plan({"PEFTKIT_JEMALLOC": str(missing)}, platform="linux", find=lambda: LIB)["LD_PRELOAD"] == str(missing)
+
+
+def test_malloc_conf_of_the_user_is_left_alone(monkeypatch):
+    monkeypatch.setattr(allocator, "MALLOC_CONF", "background_thread:true")
+    assert plan({}, platform="linux", find=lambda: LIB)["MALLOC_CONF"] == "background_thread:true"
+    assert plan({"MALLOC_CONF": "narenas:1"}, platform="linux", find=lambda: LIB)["MALLOC_CONF"] == "narenas:1"
+
+
+def test_preloaded_names_the_allocator():
+    assert preloaded({"LD_PRELOAD": "/a/libiomp5.so:/b/libjemalloc.so.2"}) == "jemalloc"
+    assert preloaded({"LD_PRELOAD": "/b/libmimalloc.so /a/x.so"}) == "mimalloc"
+    assert preloaded({"LD_PRELOAD": "/a/libiomp5.so"}) is None
+    assert preloaded({}) is None
+
+
+def test_find_jemalloc_searches_the_folders_given(tmp_path, monkeypatch):
+    monkeypatch.delenv("VIRTUAL_ENV", raising=False)
+    monkeypatch.delenv("CONDA_PREFIX", raising=False)
+    assert allocator.find_jemalloc([str(tmp_path)]) is None
+    (tmp_path / "libjemalloc.so.2").write_bytes(b"")
+    assert allocator.find_jemalloc([str(tmp_path)]) == str(tmp_path / "libjemalloc.so.2")
+
+
+def _info(extra_env: dict[str, str]) -> subprocess.CompletedProcess:
+    """``python -m peftkit info`` (the console command's path) with a clean allocator environment."""
+    env = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", GUARD, "PEFTKIT_ALLOCATOR", "PEFTKIT_JEMALLOC")}
+    return subprocess.run([sys.executable, "-m", "peftkit", "info"], capture_output=True, text=True,
+                          env={**env, **extra_env}, timeout=120)
+
+
+def test_command_runs_under_jemalloc_and_can_be_told_not_to():
+    lib = allocator.find_jemalloc()
+    if lib is None or not sys.platform.startswith("linux"):
+        pytest.skip("jemalloc is not installed here (apt-get install libjemalloc2)")
+    r = _info({})
+    assert r.returncode == 0, r.stderr
+    assert "memory allocator: jemalloc (PEFTKIT_ALLOCATOR=system for the system's malloc)" in r.stdout
+    r = _info({"PEFTKIT_ALLOCATOR": "system"})
+    assert r.returncode == 0, r.stderr
+    assert "memory allocator: the system's malloc (PEFTKIT_ALLOCATOR=system)" in r.stdout
+
+
+def test_command_errors_on_a_bad_choice_before_doing_anything(tmp_path):
+    r = _info({"PEFTKIT_ALLOCATOR": "jemalloc", "PEFTKIT_JEMALLOC": str(tmp_path / "nope.so")})
+    assert r.returncode == 2
+    assert r.stderr.strip() == f"peftkit: error: PEFTKIT_JEMALLOC={tmp_path / 'nope.so'}: no such file"
+    assert r.stdout == ""
+
+
+def test_main_called_in_process_never_reexecutes(monkeypatch, capsys):
+    """Tests and library callers use ``main()``: it must not replace their process."""
+    from peftkit.cli.main import main
+
+    monkeypatch.setenv("PEFTKIT_ALLOCATOR", "jemalloc")
+    monkeypatch.setattr(os, "execve", lambda *a: pytest.fail("main() re-executed"))
+    assert main(["info"]) == 0
+    assert "memory allocator:" in capsys.readouterr().out
+
+
+_RELEASE = """
+import torch
+from peftkit.allocator import in_use, release_free_memory
+
+def rss():
+    return int([l for l in open('/proc/self/status') if l.startswith('VmRSS')][0].split()[1]) / 1024
+
+big = torch.ones(64 * 2**20)  # 256 MiB touched
+del big
+before = rss()
+print(in_use(), release_free_memory(), before - rss())
+"""
+
+
+def test_release_free_memory_hands_kept_pages_back_under_jemalloc():
+    lib = allocator.find_jemalloc()
+    if lib is None or not sys.platform.startswith("linux"):
+        pytest.skip("jemalloc is not installed here (apt-get install libjemalloc2)")
+    env = {**os.environ, "LD_PRELOAD": lib, "MALLOC_CONF": allocator.MALLOC_CONF or "dirty_decay_ms:-1"}
+    r = subprocess.run([sys.executable, "-c", _RELEASE], capture_output=True, text=True, env=env, timeout=120)
+    assert r.returncode == 0, r.stderr
+    name, done, dropped = r.stdout.split()
+    assert (name, done) == ("jemalloc", "True")
+    assert float(dropped) > 200  # MB: kept by jemalloc (never purged) until released
+
+
+def test_release_free_memory_is_a_no_op_under_the_system_malloc():
+    if allocator.in_use() != "system":
+        pytest.skip("this test process runs under another allocator")
+    assert allocator.release_free_memory() is False
