@@ -5,6 +5,7 @@ Prints held-out test accuracy before and after fine-tuning, and a sample generat
 
 from __future__ import annotations
 
+import gc
 import json
 import time
 from pathlib import Path
@@ -48,7 +49,10 @@ def demo(output_dir: str = "runs/demo", steps: int = 60, eval_examples: int = 20
     log(f"scoring {eval_examples} held-out test reviews with the base model ...")
     before = evaluate_classification(model, tok, "rotten-tomatoes", "test", eval_examples)
     log(f"accuracy before fine-tuning: {before['accuracy']:.3f}")
+    del model  # training loads its own copy: one model in memory at a time (the run's peak is the training's)
+    gc.collect()
     summary = train_run(cfg, log=log)
+    model, tok = load_model(cfg.model)  # the cached safetensors folder: well under a second
     load_adapter(model, summary["adapter"])
     after = evaluate_classification(model, tok, "rotten-tomatoes", "test", eval_examples)
     template = Template.create(tok)
