@@ -215,8 +215,8 @@ def run_job(job: dict[str, Any]) -> dict[str, Any]:
     """Build, attach, and run the steps; the measurements of this process."""
     import torch
 
-    from peftkit.train.config import TrainConfig
     from peftkit.allocator import in_use, release_free_memory
+    from peftkit.train.config import TrainConfig
     from peftkit.train.loop import enable_gradient_checkpointing, lm_loss_sum, make_optimizer
 
     if job.get("threads"):
@@ -662,8 +662,8 @@ def main(argv: list[str] | None = None) -> int:
         if allocator.preloaded():
             raise SystemExit("bench/memory.py --allocator system: LD_PRELOAD names another allocator; unset it")
         os.environ[allocator.ENV] = "system"
-    elif not args.in_process:  # like the peftkit command: this process and its workers under jemalloc when found
-        allocator.reexec_under_chosen_allocator()
+    elif not args.in_process and argv is None:  # run as a script, like the peftkit command: this process and its
+        allocator.reexec_under_chosen_allocator()  # workers under jemalloc when found (never a caller's process)
     if args.quick:  # before torch starts OpenMP: on a busy machine spinning threads make tiny steps 50x slower
         os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     started = time.perf_counter()

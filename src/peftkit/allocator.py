@@ -120,7 +120,8 @@ def in_use() -> str:
     """The allocator this process runs under: jemalloc / tcmalloc / mimalloc when one is loaded, else ``system``."""
     try:
         with open("/proc/self/maps") as f:
-            libraries = {os.path.basename(line.split()[-1]).lower() for line in f if line.rstrip().endswith((".so", ".so.2"))}
+            libraries = {os.path.basename(line.split()[-1]).lower() for line in f
+                         if line.rstrip().endswith(".so") or ".so." in line.rsplit("/", 1)[-1]}  # lib*.so[.N]
     except OSError:  # not Linux: the environment is all there is to go by
         return preloaded() or "system"
     for name in OTHER_ALLOCATORS:

@@ -13,6 +13,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from peftkit.allocator import in_use, release_free_memory
 from peftkit.core.adapter import count_parameters
 from peftkit.core.files import atomic_write_text
 from peftkit.core.inject import inject
@@ -29,7 +30,6 @@ from peftkit.train.distributed import Dist, full_trainable_params
 from peftkit.train.final_eval import final_evaluation
 from peftkit.train.loop import Trainer
 from peftkit.train.multitask import build_tasks
-from peftkit.allocator import release_free_memory
 from peftkit.train.memory import measure_shape, predicted_peak_mb
 from peftkit.train.shared_prefix import was_shared
 from peftkit.train.tasks import CausalLMTask, get_task
@@ -261,8 +261,6 @@ def _train(cfg: RunConfig, resume: bool, show_progress: bool | None, log: Callab
         summary = d.broadcast(d.run_on_main(finish))
     log(f"done: {state.step} steps, adapter saved to {out / 'adapter'}; peak memory {summary['peak_memory_mb']:.0f} MB")
     if summary.get("predicted_memory_mb") is not None:
-        from peftkit.allocator import in_use
-
         log(f"memory: predicted {summary['predicted_memory_mb']:.0f} MB, measured {summary['peak_memory_mb']:.0f} MB "
             f"(allocator: {in_use()})")
     return summary
