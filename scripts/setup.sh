@@ -18,8 +18,8 @@ pip install --no-deps -e .
 # Best effort, never fatal: a system package, installed only where we are root with apt-get (PEFTKIT_NO_APT=1 skips).
 if ! ls /usr/lib/*/libjemalloc.so.2 /usr/lib*/libjemalloc.so.2 >/dev/null 2>&1 && [ -z "${PEFTKIT_NO_APT:-}" ] \
    && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
-  apt_install() { DEBIAN_FRONTEND=noninteractive timeout 300 apt-get install -y -q --no-install-recommends libjemalloc2 >/dev/null 2>&1; }
-  apt_install || { timeout 300 apt-get update -q >/dev/null 2>&1 && apt_install; } \
+  apt_install() { DEBIAN_FRONTEND=noninteractive timeout 120 apt-get install -y -q --no-install-recommends libjemalloc2 >/dev/null 2>&1; }
+  apt_install || { timeout 120 apt-get update -q >/dev/null 2>&1 && apt_install; } \
     || echo "setup: libjemalloc2 not installed (optional; it lowers peak memory)" >&2
 fi
 echo "$want" > "$stamp"
