@@ -126,15 +126,12 @@ def summary(runs: list[dict[str, Any]], allocs: list[str]) -> list[dict[str, Any
                 base = row
             if base is not None:
                 row["peak_vs_first"] = round(row["peak_rss_mb"] / base["peak_rss_mb"], 3)
-                # per round: each process against the first allocator's process of the same round
-                pairs = [(r["median_step_s"], b["median_step_s"]) for r in ok for b in runs
-                         if b["variant"] == v and b["allocator"] == allocs[0] and b["round"] == r["round"]
-                         and b["status"] == "ok"]
-                row["step_vs_first"] = round(statistics.median(x / y for x, y in pairs), 3) if pairs else None
-                pairs = [(r["median_step_cpu_s"], b["median_step_cpu_s"]) for r in ok for b in runs
-                         if b["variant"] == v and b["allocator"] == allocs[0] and b["round"] == r["round"]
-                         and b["status"] == "ok"]
-                row["cpu_vs_first"] = round(statistics.median(x / y for x, y in pairs), 3) if pairs else None
+                firsts = {b["round"]: b for b in runs if b["variant"] == v and b["allocator"] == allocs[0]
+                          and b["status"] == "ok"}
+                for key, name in (("median_step_s", "step_vs_first"), ("median_step_cpu_s", "cpu_vs_first")):
+                    # per round: each process against the first allocator's process of the same round
+                    ratios = [r[key] / firsts[r["round"]][key] for r in ok if r["round"] in firsts]
+                    row[name] = round(statistics.median(ratios), 3) if ratios else None
             out.append(row)
     return out
 

@@ -351,10 +351,9 @@ def glibc_heap_keeps_freed_memory() -> bool:
     """Whether this process's freed memory is kept by glibc's heap (the ``allocator`` term): not when
     ``MALLOC_MMAP_THRESHOLD_`` hands freed blocks back, nor when another allocator is preloaded (jemalloc, which
     returns freed pages after a delay: its measured peaks were at or below the prediction without the term)."""
-    if "MALLOC_MMAP_THRESHOLD_" in os.environ:
-        return False
-    preload = os.path.basename(os.environ.get("LD_PRELOAD", "")).lower()
-    return not any(name in preload for name in ("jemalloc", "tcmalloc", "mimalloc"))
+    from peftkit.allocator import preloaded
+
+    return "MALLOC_MMAP_THRESHOLD_" not in os.environ and preloaded() is None
 
 
 def _unique_parameters(model: nn.Module) -> list[nn.Parameter]:
