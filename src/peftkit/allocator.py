@@ -151,8 +151,9 @@ def describe() -> str:
     """One line for ``peftkit info`` and the end of a training run."""
     name = in_use()
     if name == "system":
+        choice = os.environ.get(ENV, "auto")
         hint = ("jemalloc not found: Debian/Ubuntu `apt-get install libjemalloc2` lowers peak memory"
-                if find_jemalloc() is None and not os.environ.get(LIBRARY_ENV)
-                else f"{ENV}={os.environ.get(ENV, 'auto')}")
+                if choice != "system" and find_jemalloc() is None and not os.environ.get(LIBRARY_ENV)
+                else f"{ENV}={choice}")
         return f"memory allocator: the system's malloc ({hint})"
     return f"memory allocator: {name} ({ENV}=system for the system's malloc)"
