@@ -148,3 +148,11 @@ def test_release_free_memory_hands_kept_pages_back_under_jemalloc_only():
         name, done, dropped = _release({"LD_PRELOAD": lib, "MALLOC_CONF": allocator.MALLOC_CONF or "dirty_decay_ms:-1"})
         assert (name, done) == ("jemalloc", "True")
         assert dropped > 200  # MB: kept by jemalloc (never purged) until released
+
+
+def test_the_default_never_keeps_freed_pages_for_good():
+    """Issue #16: jemalloc with purging off (decay -1) grew the demo to 18 GB on variable-shape batches. Whatever
+    peftkit sets for jemalloc must let it hand pages back."""
+    env = plan({}, platform="linux", find=lambda: LIB)
+    conf = env.get("MALLOC_CONF") or ""
+    assert "decay_ms:-1" not in conf.replace(" ", "")

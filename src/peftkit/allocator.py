@@ -1,10 +1,12 @@
 """The ``peftkit`` command runs under jemalloc when the machine has it (Linux; ``PEFTKIT_ALLOCATOR`` decides).
 
-Training with gradient checkpointing leaves holes in glibc's heap (saved layer inputs pin the memory around
-them), and glibc keeps those pages: on the ~1.1B model QLoRA's peak was 2.05-2.53 GB under glibc's malloc and
-1.74 GB under jemalloc, at the same step time (bench/allocator.py, BENCHMARKS.md "Memory"). The allocator of a
-process is fixed when it starts, so the console command re-executes itself once, with jemalloc in
-``LD_PRELOAD``, before anything heavy is imported. Library use (``import peftkit``) is never affected.
+glibc's malloc keeps freed memory in its heap: with gradient checkpointing, saved layer inputs pin the memory
+around them (the ~1.1B model's QLoRA peak: 2.05-2.53 GB under glibc, 1.62 GB under jemalloc), and on real data its
+RSS after a step stays near the step's peak. jemalloc, with its own settings, hands freed pages back to the OS after
+a delay: lower peaks, and memory flat over hundreds of steps of variable-length batches (BENCHMARKS.md, "Memory
+over a long run"). The allocator of a process is fixed when it starts, so the console command re-executes itself
+once, with jemalloc in ``LD_PRELOAD``, before anything heavy is imported. Library use (``import peftkit``) is never
+affected.
 
     PEFTKIT_ALLOCATOR=auto      jemalloc when found, else the system's malloc (the default)
     PEFTKIT_ALLOCATOR=jemalloc  jemalloc, or a one-line error when it is not installed
@@ -25,11 +27,13 @@ ENV = "PEFTKIT_ALLOCATOR"
 LIBRARY_ENV = "PEFTKIT_JEMALLOC"
 CHOICES = ("auto", "jemalloc", "system")
 GUARD = "_PEFTKIT_ALLOCATOR_SET"  # set in the re-executed process: never exec twice
-# Freed pages stay with jemalloc for reuse (never purged). With jemalloc's default decay the pages of each step's
-# freed activations went back to the OS and were faulted in again the next step (~370k page faults a step on the
-# 1.1B model, ~4.7 us each on this VM: steps ~1.2x glibc's); kept, steps are no slower than glibc's and the peaks
-# still lower for the adapter methods (bench/allocator.py; BENCHMARKS.md "Memory"). A MALLOC_CONF of the user's wins.
-MALLOC_CONF: str | None = "dirty_decay_ms:-1,muzzy_decay_ms:-1"
+# jemalloc's own settings (freed pages handed back to the OS over ~10 s). Never-purge settings
+# ("dirty_decay_ms:-1,muzzy_decay_ms:-1") won on fixed-shape steps and grew without bound on real data, where every
+# batch has another shape (issue #16: the demo 8.5 GB at step 20, 18 GB at step 45): freed extents that are never
+# purged are never coalesced either, so a batch of a new shape needs fresh pages. Chosen on real variable-length data
+# over hundreds of steps, speed and memory together: BENCHMARKS.md "Memory over a long run". A MALLOC_CONF of the
+# user's is passed on as it is.
+MALLOC_CONF: str | None = None
 LIBRARY_NAMES = ("libjemalloc.so.2", "libjemalloc.so")
 LIBRARY_DIRS = ("/usr/lib/x86_64-linux-gnu", "/usr/lib/aarch64-linux-gnu", "/usr/lib64", "/usr/lib",
                 "/usr/local/lib", "/usr/local/lib64", "/lib/x86_64-linux-gnu", "/lib/aarch64-linux-gnu")
@@ -133,9 +137,9 @@ def in_use() -> str:
 def release_free_memory() -> bool:
     """Hand the freed pages jemalloc keeps back to the OS (all arenas' ``purge``); True when done.
 
-    Under peftkit's settings jemalloc never purges on its own (:data:`MALLOC_CONF`), so what loading and quantizing
-    the model freed would stay resident through training: training calls this once, after the model is built and
-    before the first step (the 1.1B QLoRA peak: 1,783 -> 1,738 MB). A no-op elsewhere (glibc, no jemalloc)."""
+    Training calls this once, after the model is built and before the first step, so that what loading and
+    quantizing the model freed is not counted in the run's memory while jemalloc's decay would still hold it.
+    A no-op elsewhere (glibc, no jemalloc)."""
     if in_use() != "jemalloc":
         return False
     import ctypes

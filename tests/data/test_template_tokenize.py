@@ -73,7 +73,7 @@ def test_encode_all_counts_truncated(tokenizer):
     assert out.truncated == 1 and out.dropped == 0 and len(out.examples) == 2
 
 
-def test_chat_format_renders_history_and_learns_last_assistant_turn(tokenizer):
+def test_chat_format_renders_history_and_learns_every_assistant_turn(tokenizer):
     ex = {"messages": [
         {"role": "system", "content": "Be brief."},
         {"role": "user", "content": "Hi"},
@@ -86,6 +86,9 @@ def test_chat_format_renders_history_and_learns_last_assistant_turn(tokenizer):
     assert prompt + response == tokenizer.apply_chat_template(ex["messages"], tokenize=False)
     assert prompt.startswith("<|im_start|>system\nBe brief.") and "Hello." in prompt
     assert response.startswith("Blue.<|im_end|>")
-    enc, _ = encode_example(t, ex, max_length=512)
+    enc, _ = encode_example(t, ex, max_length=512)  # default data.chat_loss=all: every assistant turn
+    learned = [i for i, lab in zip(enc["input_ids"], enc["labels"]) if lab != IGNORE]
+    assert tokenizer.decode(learned) == "Hello.<|im_end|>\nBlue.<|im_end|>\n"
+    enc, _ = encode_example(t, ex, max_length=512, chat_loss="last")
     learned = [i for i, lab in zip(enc["input_ids"], enc["labels"]) if lab != IGNORE]
     assert tokenizer.decode(learned).startswith("Blue.<|im_end|>")

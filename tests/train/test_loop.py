@@ -9,6 +9,7 @@ from peftkit.data.template import Template
 from peftkit.data.tokenize import encode_all
 from peftkit.train.config import TrainConfig
 from peftkit.train.loop import Trainer, TrainingError, evaluate_loss, lm_loss_sum
+from tests.grads import assert_same_sums, record_step_grads
 
 ROWS = [{"instruction": f"Say the color of {w}", "input": "", "output": c}
         for w, c in [("grass", "green"), ("sky", "blue"), ("snow", "white"), ("coal", "black")]] * 8
@@ -52,6 +53,10 @@ def test_only_trainable_parameters_change(tiny_lm, tmp_path):
 
 
 def test_gradient_accumulation_matches_bigger_batch(tiny_lm_dir, tmp_path):
+    """Each step's gradient (what the optimizer receives, after clipping) is the bigger batch's: the same tokens,
+    the same scale. Compared with the weights held (tests/grads.py), so step 2 is compared at the same weights,
+    on its own data; the weights after Adam steps would not do (its first update is about lr * sign(g), and a
+    near-zero gradient element flipping sign under rounding moves by 2 * lr)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(tiny_lm_dir)
@@ -62,11 +67,74 @@ def test_gradient_accumulation_matches_bigger_batch(tiny_lm_dir, tmp_path):
         cfg = TrainConfig(max_steps=2, batch_size=bs, grad_accum=accum, lr=1e-2, warmup_steps=0, save_every=0,
                           eval_every=0, schedule="constant")
         trainer = Trainer(model, data, [], cfg, tok.pad_token_id, tmp_path / f"{bs}", group_by_length=False, show_progress=False)
+        steps = record_step_grads(trainer, hold_weights=True)
         trainer.fit()
-        results.append(peftkit.adapter_state_dict(model))
+        assert len(steps) == 2 and len(steps[0]) == 28  # 2 layers x 7 linears x (A, B)
+        results.append(steps)
+    first, second = results[0]
+    assert all(not torch.allclose(first[k], second[k], rtol=0.01) for k in first)  # step 2 ran on other data
+    # Only the summation order differs. The longest reduction on a gradient's path is the tied head's backward over
+    # the 49152-token vocabulary: worst case 49152 * 2^-24 = 2.9e-3 of the scale, never approached (rounding errors
+    # of a long sum add like a random walk: sqrt(49152) * 2^-24 = 1.3e-5); the step's 8 x 38 positions and the
+    # widths 32/64 add ~1e-6. 1e-4 of each tensor's scale (seen here: 5e-6) is far below a wrong sum (>= 1%).
     for other in results[1:]:
-        for k in results[0]:
-            torch.testing.assert_close(other[k], results[0][k], atol=2e-6, rtol=1e-5)
+        for step, expected in zip(other, results[0]):
+            assert_same_sums(step, expected, rtol=1e-4)
+
+
+def record_step_examples(monkeypatch):
+    """``{(run, step): sorted example indices}`` drawn for each optimizer step, by every Trainer made after."""
+    seen: dict[tuple[str, int], list[int]] = {}
+    real = Trainer._next_batch
+
+    def spy(self):
+        out = real(self)
+        key = (self.output_dir.name, self.state.step)
+        seen[key] = sorted(seen.get(key, []) + list(self._batches[self.state.batch_in_epoch - 1]))
+        return out
+
+    monkeypatch.setattr(Trainer, "_next_batch", spy)
+    return seen
+
+
+def test_accumulated_step_draws_the_larger_batchs_examples(tiny_lm_dir, tmp_path, monkeypatch):
+    """Issue #23 item 11: with length grouping (the default), an optimizer step of batch_size 4 x grad_accum 2
+    trains on the examples of the batch_size 8 step (same seed), also across epochs with a short last batch
+    (30 examples: 8, 8, 8, 6 per epoch), and a resumed run continues with the same steps."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from peftkit.data.collate import batch_order
+
+    tok = AutoTokenizer.from_pretrained(tiny_lm_dir)
+    rows = [{"instruction": "Say the color of " + "very " * (i % 7) + w, "input": "", "output": c}
+            for i, (w, c) in enumerate([("grass", "green"), ("sky", "blue"), ("snow", "white")] * 10)]
+    data = encoded(tok, rows)
+    lengths = [len(e["input_ids"]) for e in data]
+    assert len(data) == 30 and len(set(lengths)) == 7
+    # what this guards against: consecutive pairs of length-grouped batches of 4 are not the batches of 8
+    pairs = batch_order(lengths, 4, 0, 0)
+    assert ({frozenset(a + b) for a, b in zip(pairs[::2], pairs[1::2])}
+            != {frozenset(b) for b in batch_order(lengths, 8, 0, 0)})
+
+    seen = record_step_examples(monkeypatch)
+    for bs, accum, run in ((8, 1, "big"), (4, 2, "accum"), (2, 4, "accum4")):
+        model = lora(AutoModelForCausalLM.from_pretrained(tiny_lm_dir))
+        cfg = TrainConfig(max_steps=10, batch_size=bs, grad_accum=accum, lr=1e-2, warmup_steps=0, save_every=3,
+                          eval_every=0, log_every=1)
+        Trainer(model, data, [], cfg, tok.pad_token_id, tmp_path / run, show_progress=False).fit()
+    big = [seen["big", s] for s in range(10)]
+    assert sorted(map(len, big[:4])) == sorted(map(len, big[4:8])) == [6, 8, 8, 8]  # (the short one anywhere)
+    assert [seen["accum", s] for s in range(10)] == big
+    assert [seen["accum4", s] for s in range(10)] == big
+    epochs = [[r["epoch"] for r in map(json.loads, (tmp_path / run / "metrics.jsonl").read_text().splitlines())
+               if "loss" in r] for run in ("big", "accum")]
+    assert epochs[0] == epochs[1]  # steps end at the same epoch boundaries
+
+    model = lora(AutoModelForCausalLM.from_pretrained(tiny_lm_dir))  # resume the accumulating run at step 6
+    cfg = TrainConfig(max_steps=10, batch_size=4, grad_accum=2, lr=1e-2, warmup_steps=0, save_every=0, eval_every=0)
+    resumed = Trainer(model, data, [], cfg, tok.pad_token_id, tmp_path / "resumed", show_progress=False)
+    resumed.fit(resume_from=tmp_path / "accum" / "checkpoints" / "step-000006")
+    assert [seen["resumed", s] for s in range(6, 10)] == big[6:]
 
 
 def test_packed_loss_equals_padded_loss(tiny_lm):

@@ -6,6 +6,8 @@ import argparse
 import json
 from typing import Any
 
+MODEL_HELP = "base model alias or local folder (default: the base the --adapter records; without --adapter: smollm2-135m)"
+
 
 def _train(sub: Any) -> None:
     p = sub.add_parser("train", help="fine-tune a model from a YAML config",
@@ -35,16 +37,16 @@ def _config_and_overrides(args: argparse.Namespace) -> tuple[str | None, list[st
 
 def _generate(sub: Any) -> None:
     p = sub.add_parser("generate", help="generate a response with the training prompt template")
-    p.add_argument("--model", default="smollm2-135m", help="built-in alias or local model folder")
+    p.add_argument("--model", help=MODEL_HELP)
     p.add_argument("--adapter", help="adapter folder (peftkit or PEFT format)")
     p.add_argument("--prompt", action="append", required=True, help="prompt text (repeat for a batch)")
     p.add_argument("--system", help="system message (chat templates)")
     p.add_argument("--template", default="auto", choices=["auto", "chat", "alpaca", "none"], help="prompt template")
-    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--max-new-tokens", type=int, default=64, help="tokens generated at most per prompt (>= 1)")
     p.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
-    p.add_argument("--temperature", type=float, default=0.7)
-    p.add_argument("--top-p", type=float, default=0.9)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--temperature", type=float, default=0.7, help="--sample: softmax temperature (> 0)")
+    p.add_argument("--top-p", type=float, default=0.9, help="--sample: nucleus sampling mass, in (0, 1]")
+    p.add_argument("--seed", type=int, default=0, help="--sample: random seed")
     p.add_argument("--strict-base", action="store_true",
                    help="refuse an adapter trained on another base model (default: warn)")
     p.set_defaults(handler=run_generate)
@@ -55,13 +57,36 @@ def run_generate(args: argparse.Namespace) -> int:
     from peftkit.eval.generate import generate
     from peftkit.eval.tasks import load_model_with_adapter
 
-    model, tok = load_model_with_adapter(args.model, args.adapter, strict_base=args.strict_base)
+    _check_generation_args(args)  # before the model is loaded
+    model, tok = load_model_with_adapter(_model(args), args.adapter, strict_base=args.strict_base)
     template = Template.create(tok, args.template)
     outs = generate(model, template, [user_example(p, args.system) for p in args.prompt], args.max_new_tokens,
                     args.sample, args.temperature, args.top_p, seed=args.seed)
     for text in outs:
         print(text)
     return 0
+
+
+def _model(args: argparse.Namespace) -> str:
+    """``--model``, defaulting to the base the adapter(s) record (the built-in default without an adapter)."""
+    from peftkit.models.builtin import default_model
+
+    if args.model is None:
+        adapters = args.adapter if isinstance(args.adapter, list) else [args.adapter] if args.adapter else []
+        args.model = default_model(adapters)
+    return args.model
+
+
+def _check_generation_args(args: argparse.Namespace) -> None:
+    from peftkit.errors import ConfigError
+
+    if args.max_new_tokens < 1:
+        raise ConfigError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    if getattr(args, "sample", False):
+        if not args.temperature > 0 or args.temperature == float("inf"):
+            raise ConfigError(f"--temperature must be > 0 (use greedy decoding without --sample), got {args.temperature}")
+        if not 0 < args.top_p <= 1:
+            raise ConfigError(f"--top-p must be in (0, 1], got {args.top_p}")
 
 
 def _merge(sub: Any) -> None:
@@ -73,7 +98,7 @@ def _merge(sub: Any) -> None:
                                    "--combination): one LoRA adapter combined from them (PEFT format), or with "
                                    "--into-base a standalone model with that combination merged. Combinations: "
                                    + "; ".join(f"{k}: {v}" for k, v in COMBINATIONS.items()) + ".")
-    p.add_argument("--model", default="smollm2-135m", help="base model alias or folder")
+    p.add_argument("--model", help=MODEL_HELP)
     p.add_argument("--adapter", required=True, action="append", help="adapter folder (repeat to combine several)")
     p.add_argument("--out", required=True, help="output folder: the merged model (loads with transformers alone) "
                                                 "or the combined adapter")
@@ -100,7 +125,7 @@ def run_merge(args: argparse.Namespace) -> int:
 
     if len(args.adapter) > 1 or any(v is not None for v in (args.combination, args.weights, args.density, args.rank)):
         return _run_combine(args)
-    out = merge_to_folder(args.model, args.adapter[0], args.out, args.dtype, args.overwrite, args.strict_base)
+    out = merge_to_folder(_model(args), args.adapter[0], args.out, args.dtype, args.overwrite, args.strict_base)
     print(f"merged model written to {out}")
     return 0
 
@@ -113,7 +138,7 @@ def _run_combine(args: argparse.Namespace) -> int:
         weights = [float(w) for w in args.weights.split(",")] if args.weights else None
     except ValueError:
         raise ConfigError(f"--weights must be comma-separated numbers, got {args.weights!r}") from None
-    out = combine_to_folder(args.model, args.adapter, args.out, weights, args.combination or "cat", args.density,
+    out = combine_to_folder(_model(args), args.adapter, args.out, weights, args.combination or "cat", args.density,
                             args.rank, args.majority_sign, args.seed, args.into_base, args.dtype, args.overwrite,
                             args.strict_base)
     print(f"{'merged model' if args.into_base else 'combined adapter'} written to {out}")
@@ -125,17 +150,22 @@ def _eval(sub: Any) -> None:
                        description="Classification by label likelihood, MMLU-style multiple choice from a file "
                                    "(question, choices, answer), free generation scored with EM/F1/ROUGE/BLEU/chrF, "
                                    "or perplexity of a .txt file. --shots K gives the in-context baseline.")
-    p.add_argument("--model", default="smollm2-135m")
-    p.add_argument("--adapter", help="adapter folder")
+    p.add_argument("--model", help=MODEL_HELP)
+    p.add_argument("--adapter", help="adapter folder (peftkit or PEFT format)")
     p.add_argument("--data", default="rotten-tomatoes", help="built-in dataset, data file, or .txt for perplexity")
-    p.add_argument("--task", default="auto", choices=["auto", "classification", "multiple_choice", "generation", "perplexity"])
-    p.add_argument("--split", default="test", choices=["train", "validation", "test"])
-    p.add_argument("--limit", type=int, help="evaluate the first N examples of a seeded shuffle")
+    p.add_argument("--task", default="auto", choices=["auto", "classification", "multiple_choice", "generation", "perplexity"],
+                   help="what to score (auto: from the data: labels -> classification, .txt -> perplexity, else generation)")
+    p.add_argument("--test", metavar="FILE",
+                   help="a dedicated test file, scored whole as the test split (same format as --data; --data still "
+                        "gives the shots and label options); without it the test split is the 10%% of a --data file "
+                        "(20+ rows with answers) that training holds out, seeded, or a built-in dataset's own")
+    p.add_argument("--split", default="test", choices=["train", "validation", "test"], help="split of the data scored")
+    p.add_argument("--limit", type=int, help="evaluate the first N examples of a seeded shuffle (N >= 1; default: all)")
     p.add_argument("--shots", type=int, default=0, help="k solved training examples before each query (0: zero-shot)")
-    p.add_argument("--template", default="auto", choices=["auto", "chat", "alpaca", "none"])
-    p.add_argument("--max-new-tokens", type=int, default=48, help="generation tasks")
+    p.add_argument("--template", default="auto", choices=["auto", "chat", "alpaca", "none"], help="prompt template")
+    p.add_argument("--max-new-tokens", type=int, default=48, help="generation tasks: tokens generated at most (>= 1)")
     p.add_argument("--predictions", help="write per-example predictions to this JSONL file")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the shuffle (--limit) and of the shots drawn")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.add_argument("--forgetting", action="store_true",
                    help="what the fine-tune cost: perplexity of held-out general text (hamlet.txt, or --data FILE.txt) "
@@ -151,13 +181,12 @@ def _eval(sub: Any) -> None:
 def run_eval(args: argparse.Namespace) -> int:
     from peftkit.eval.tasks import evaluate, load_model_with_adapter
 
-    if args.forgetting:
-        _check_forgetting_args(args)  # before the model is loaded
-    model, tok = load_model_with_adapter(args.model, args.adapter, strict_base=args.strict_base)
+    _check_eval_args(args)  # before the model is loaded
+    model, tok = load_model_with_adapter(_model(args), args.adapter, strict_base=args.strict_base)
     if args.forgetting:
         return _print_forgetting(args, model, tok)
     res = evaluate(model, tok, args.data, args.task, args.split, args.limit, args.shots, args.template, args.seed,
-                   max_new_tokens=args.max_new_tokens, predictions_file=args.predictions)
+                   max_new_tokens=args.max_new_tokens, predictions_file=args.predictions, test=args.test)
     if args.json:
         print(json.dumps(res))
     else:
@@ -166,6 +195,39 @@ def run_eval(args: argparse.Namespace) -> int:
         metrics = {k: v for k, v in res.items() if isinstance(v, float)}
         print(head + ": " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
     return 0
+
+
+def _check_eval_args(args: argparse.Namespace) -> None:
+    from peftkit.errors import ConfigError
+
+    if args.limit is not None and args.limit < 1:
+        raise ConfigError(f"--limit must be >= 1 (leave it out to score every example), got {args.limit}")
+    if args.shots < 0:
+        raise ConfigError(f"--shots must be >= 0, got {args.shots}")
+    _check_generation_args(args)
+    if args.test is not None:
+        _check_test_file_args(args)
+    if args.forgetting:
+        _check_forgetting_args(args)
+
+
+def _check_test_file_args(args: argparse.Namespace) -> None:
+    from pathlib import Path
+
+    from peftkit.errors import ConfigError, DataError
+
+    if args.split != "test":
+        raise ConfigError(f"--test FILE is the test split; it does not apply to --split {args.split}")
+    if args.forgetting:
+        raise ConfigError("--test does not apply to --forgetting (it scores the --data task's own test split)")
+    if args.task == "perplexity" or Path(args.data).suffix.lower() == ".txt":
+        raise ConfigError("--test does not apply to perplexity (--data FILE.txt is scored whole)")
+    try:
+        found = Path(args.test).is_file()
+    except (OSError, ValueError):  # a name too long for the file system, a NUL byte
+        found = False
+    if not found:
+        raise DataError(f"--test file not found: {args.test}")
 
 
 def _check_forgetting_args(args: argparse.Namespace) -> None:
@@ -196,7 +258,7 @@ def _compare(sub: Any) -> None:
                                    "the same test examples next to zero-/few-shot baselines, and writes report.md, "
                                    "report.json, report.html and PNG plots to output_dir. Finished runs are reused.")
     p.add_argument("config", help="compare config (see examples/compare-rotten-tomatoes.yaml)")
-    p.add_argument("overrides", nargs="*", metavar="key=value")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides of the compare config")
     p.set_defaults(handler=run_compare)
 
 
@@ -213,7 +275,7 @@ def run_compare(args: argparse.Namespace) -> int:
 def _info(sub: Any) -> None:
     p = sub.add_parser("info", help="methods, built-in models and datasets; parameter count of a config")
     p.add_argument("config", nargs="?", help="YAML config: print its trainable-parameter count (no training)")
-    p.add_argument("overrides", nargs="*", metavar="key=value")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, as for `peftkit train`")
     p.set_defaults(handler=run_info)
 
 
@@ -227,7 +289,7 @@ def run_info(args: argparse.Namespace) -> int:
 
 def _demo(sub: Any) -> None:
     p = sub.add_parser("demo", help="LoRA on smollm2-135m + rotten-tomatoes: accuracy before/after, a sample")
-    p.add_argument("--output-dir", default="runs/demo")
+    p.add_argument("--output-dir", default="runs/demo", help="where the run and demo_results.json go")
     p.add_argument("--steps", type=int, default=60, help="training steps")
     p.add_argument("--eval-examples", type=int, default=200, help="test examples scored before and after")
     p.set_defaults(handler=run_demo)

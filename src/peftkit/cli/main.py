@@ -9,12 +9,29 @@ import sys
 from peftkit.cli import commands
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """``--help`` shows each option's default, except where there is none to show (None, off flags)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default is None or action.default is False or action.default == []:
+            return action.help
+        return super()._get_help_string(action)
+
 
 def build_parser() -> argparse.ArgumentParser:
+    from importlib.metadata import PackageNotFoundError, version
+
     parser = argparse.ArgumentParser(prog="peftkit", description="Parameter-efficient fine-tuning of language models.")
+    try:
+        own = version("peftkit")
+    except PackageNotFoundError:  # run from a source tree without installing
+        own = "unknown"
+    parser.add_argument("--version", action="version", version=f"peftkit {own}", help="print the version and exit")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for register in commands.REGISTER:
         register(sub)
+    for command in sub.choices.values():
+        command.formatter_class = HelpFormatter
     return parser
 
 

@@ -188,6 +188,38 @@ def _extra_trainable(model: nn.Module, config: Any) -> Iterator[tuple[str, nn.Pa
             yield name, p
 
 
+def untie_modules_to_save(model: nn.Module, config: Any) -> list[str]:
+    """Give each ``modules_to_save`` module parameters of its own where it shares them with a module outside it
+    (an output head tied to the input embeddings, as in GPT-2 or SmolLM2), and return their names.
+
+    This is what PEFT does: it trains and saves a copy of such a module, so the saved tensor replaces that module
+    only and the module it was tied to keeps the base's weights. The copy starts equal to the shared weight (the
+    model's outputs are unchanged); the model's config then says the word embeddings are not tied, so a merged
+    export keeps the head it trained.
+    """
+    extra = list(getattr(config, "modules_to_save", None) or [])
+    if not extra:
+        return []
+    owners: dict[int, list[str]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        owners.setdefault(id(p), []).append(name)
+    untied = []
+    for module_name, module in list(model.named_modules()):
+        if not any(module_name == m or module_name.endswith("." + m) for m in extra):
+            continue
+        for pname, p in list(module.named_parameters(remove_duplicate=False)):
+            full = f"{module_name}.{pname}"
+            if all(o.startswith(module_name + ".") for o in owners.get(id(p), [])):
+                continue  # not shared outside the module
+            owner, _, attr = full.rpartition(".")
+            setattr(model.get_submodule(owner), attr, nn.Parameter(p.detach().clone(), requires_grad=p.requires_grad))
+            untied.append(full)
+    cfg = getattr(model, "config", None)
+    if untied and getattr(cfg, "tie_word_embeddings", False):
+        cfg.tie_word_embeddings = False
+    return untied
+
+
 def mark_only_adapters_trainable(model: nn.Module) -> None:
     """Freeze everything, then unfreeze the active adapters' parameters."""
     state = get_state(model)

@@ -51,6 +51,7 @@ import torch
 import torch.nn as nn
 
 from peftkit.core.adapter import adapter_parameters, get_state
+from peftkit.core.files import refuse_overlap
 from peftkit.errors import AdapterFileError, ConfigError
 
 COMBINATIONS: dict[str, str] = {
@@ -435,6 +436,10 @@ def combine_to_folder(
     from peftkit.models.export import DTYPES, save_model_folder
 
     out = Path(out)
+    for adapter in adapters:
+        refuse_overlap(out, {"--adapter": adapter})
+    if Path(model_name).is_dir():
+        refuse_overlap(out, {"--model": model_name})
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
         raise ConfigError(f"{out} exists and is not empty; choose another folder or pass --overwrite")
     if dtype not in DTYPES:

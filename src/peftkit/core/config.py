@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -115,7 +116,9 @@ class MethodConfig:
     default_lr: ClassVar[float] = 2e-4
 
     def __post_init__(self) -> None:
-        self.validate()
+        self.validate()  # a method's own range checks word their messages best
+        for f in dataclasses.fields(self):  # NaN passes every range check (NaN compares False): refuse what is left
+            _check_finite(getattr(self, f.name), f"method.{f.name}")
 
     def validate(self) -> None:
         """Raise ConfigError naming the field when a value is out of range."""
@@ -151,12 +154,25 @@ class TargetedConfig(MethodConfig):
         exclude: modules to leave alone, same rules as ``target_modules``.
         layers: only adapt modules inside these transformer-block indices.
         modules_to_save: extra base modules trained fully and saved with the adapter (e.g. a classifier head).
+            One tied to another module (an LM head tied to the input embeddings) gets a copy of its own, as in
+            PEFT: the adapter's head replaces the head only, the input embeddings stay the base's.
     """
 
     target_modules: list[str] | str | None = None
     exclude: list[str] | str | None = None
     layers: list[int] | None = None
     modules_to_save: list[str] | None = None
+
+
+def _check_finite(value: Any, where: str) -> None:
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"{where} must be a finite number, got {value}")
+    if isinstance(value, (list, tuple)):
+        for i, v in enumerate(value):
+            _check_finite(v, f"{where}[{i}]")
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            _check_finite(v, f"{where}[{k!r}]")
 
 
 def check(cond: bool, message: str) -> None:

@@ -37,6 +37,24 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
         raise
 
 
+def refuse_overlap(out: str | os.PathLike, inputs: dict[str, str | os.PathLike]) -> None:
+    """Refuse an output folder that is one of the ``inputs`` (``{option: folder}``), or contains or lies inside
+    one: writing it (``--overwrite`` replaces the whole folder) would destroy what is being read.
+
+    Raises:
+        ConfigError: naming the option and the folder.
+    """
+    from peftkit.errors import ConfigError
+
+    target = Path(os.path.realpath(out))
+    for option, folder in inputs.items():
+        src = Path(os.path.realpath(folder))
+        if target == src or src in target.parents or target in src.parents:
+            relation = "is" if target == src else "is inside" if src in target.parents else "contains"
+            raise ConfigError(f"--out {out} {relation} the {option} folder {folder}: writing it would destroy "
+                              f"the {option}; choose another output folder")
+
+
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     """Write a text file via a temporary file and a rename."""
     path = Path(path)

@@ -16,6 +16,7 @@ from peftkit.core.adapter import (
     get_state,
     mark_only_adapters_trainable,
     set_active,
+    untie_modules_to_save,
 )
 from peftkit.core.config import MethodConfig
 from peftkit.core.identity import param_samples
@@ -104,6 +105,7 @@ def inject(model: nn.Module, config: MethodConfig, adapter_name: str = DEFAULT_A
         if not state.configs:
             object.__delattr__(model, STATE_ATTR)
         raise
+    untie_modules_to_save(model, config)  # a tied head in modules_to_save gets its own copy, as in PEFT
     state.configs[adapter_name] = config
     state.targets[adapter_name] = list(targets or [])
     set_active(model, state.active or [adapter_name])

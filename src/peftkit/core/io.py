@@ -112,6 +112,7 @@ def load_adapter(
         tensors = load_file(str(weights_file))
     except (SafetensorError, OSError) as e:
         raise AdapterFileError(f"{weights_file}: unreadable safetensors file ({e})") from None
+    _check_shapes_first(model, config, adapter_name, weights_file)
     try:
         inject(model, config, adapter_name)
     except ConfigError as e:  # e.g. target modules of another architecture
@@ -134,6 +135,47 @@ def load_adapter(
         for _, p in adapter_parameters(model, adapter_name):
             p.requires_grad_(False)
     return model
+
+
+def _check_shapes_first(model: nn.Module, config: Any, adapter_name: str, file: Path) -> None:
+    """Compare the file's tensor shapes (its header only) with those the config gives the adapter, before anything
+    is allocated: a config saying ``r: 1000000000`` must not allocate hundreds of GB before the file is read.
+
+    The config is attached to a copy of the model on the meta device (no memory), whose adapter parameters give the
+    expected shapes. Tensors a method stores otherwise than as its parameters (soft prompts) are checked after
+    attaching, as before; so is everything when a method cannot attach on the meta device.
+
+    Raises:
+        AdapterFileError: naming the first tensor whose shape differs, the expected and the found shape.
+    """
+    from safetensors import safe_open
+
+    with safe_open(str(file), framework="pt") as f:
+        found = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    try:
+        skeleton = _meta_copy(model)
+        with torch.device("meta"):
+            inject(skeleton, config, adapter_name)
+    except Exception:  # noqa: BLE001 - not attachable here: the real attach reports the reason
+        return
+    for key, p in adapter_parameters(skeleton, adapter_name):
+        key = PREFIX + key
+        if key in found and found[key] != tuple(p.shape):
+            raise AdapterFileError(f"{file}: tensor {key!r} has shape {found[key]} but the model expects "
+                                   f"{tuple(p.shape)} with the settings in {CONFIG_NAME} (adapter made for another "
+                                   "model, or a config that does not describe this file?)")
+
+
+def _meta_copy(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` whose parameters and buffers are on the meta device: the structure, no weights."""
+    import copy
+
+    memo: dict[int, Any] = {}
+    for p in model.parameters():
+        memo[id(p)] = nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=p.requires_grad)
+    for b in model.buffers():
+        memo[id(b)] = torch.empty_like(b, device="meta")
+    return copy.deepcopy(model, memo)
 
 
 def _copy_into(model: nn.Module, adapter_name: str, tensors: dict[str, torch.Tensor], file: Path) -> None:

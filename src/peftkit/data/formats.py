@@ -4,8 +4,10 @@ Files: JSONL (one object per line), JSON (a list of objects), CSV and Parquet (v
 Formats, detected from the fields or named by ``data.format``:
 
 * ``alpaca``: ``instruction``, optional ``input``, ``output``;
-* ``chat``: ``messages`` = [{"role": "system"|"user"|"assistant", "content": str}, ...] (OpenAI's
-  fine-tuning format), rendered with the tokenizer's chat template; the loss is on the last assistant turn;
+* ``chat``: ``messages`` = [{"role": "system"|"user"|"assistant"|"tool", "content": str}, ...] (OpenAI's
+  fine-tuning format: an assistant message may carry ``weight`` 0/1 and ``tool_calls``; content may be a list
+  of text parts), or ShareGPT's ``conversations`` = [{"from": "human"|"gpt"|"system", "value": str}, ...];
+  rendered with the tokenizer's chat template; the loss is on every assistant turn (``data.chat_loss``);
 * ``prompt_completion``: ``prompt`` + ``completion`` joined as they are, no template, loss on the completion;
 * ``text``: ``text``, plain language modelling (loss on every token).
 """
@@ -25,6 +27,10 @@ REQUIRED = {
     "prompt_completion": ("prompt", "completion"),
     "text": ("text",),
 }
+CHAT_KEYS = ("messages", "conversations")  # OpenAI's / ShareGPT's list of turns
+ROLES = ("system", "user", "assistant", "tool")
+SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system",
+                  "tool": "tool", "observation": "tool"}
 OPTIONAL_STR = {"alpaca": ("input", "system"), "chat": (), "prompt_completion": (), "text": ()}
 
 
@@ -53,6 +59,10 @@ def read_records(path: str | Path) -> tuple[list[dict[str, Any]], list[str]]:
         raise DataError(f"{path}: unsupported file type {suffix!r} (use .jsonl, .json, .csv or .parquet)")
     if not rows:
         raise DataError(f"{path}: no examples in the file")
+    if suffix == ".csv" and any(key in rows[0] for key in CHAT_KEYS):
+        key = next(k for k in CHAT_KEYS if k in rows[0])
+        raise DataError(f"{path}: a CSV file cannot carry {key!r} (a list of messages per row); write chat data as "
+                        "JSONL or Parquet")
     return rows, where
 
 
@@ -117,7 +127,7 @@ def _read_tabular(path: Path, kind: str) -> tuple[list[dict], list[str]]:
 
 def detect_format(row: dict[str, Any], where: str = "data") -> str:
     """The format a record is in, judged by its fields."""
-    if "messages" in row:
+    if any(key in row for key in CHAT_KEYS):
         return "chat"
     if "instruction" in row and "output" in row:
         return "alpaca"
@@ -127,7 +137,7 @@ def detect_format(row: dict[str, Any], where: str = "data") -> str:
         return "text"
     raise DataError(
         f"{where}: cannot tell the data format from fields {sorted(row)}; expected one of "
-        "instruction/output (alpaca), messages (chat), prompt/completion, or text"
+        "instruction/output (alpaca), messages or conversations (chat), prompt/completion, or text"
     )
 
 
@@ -138,12 +148,13 @@ def validate(rows: list[dict[str, Any]], where: list[str], fmt: str) -> str:
     if fmt not in FORMATS:
         raise DataError(f"data.format must be auto or one of {', '.join(FORMATS)}, got {fmt!r}")
     for row, loc in zip(rows, where):
+        if fmt == "chat":  # checked and rewritten in place to OpenAI's form with string contents
+            row["messages"] = normalize_chat(row, loc)
+            row.pop("conversations", None)
+            continue
         for key in REQUIRED[fmt]:
             if key not in row or row[key] is None:
                 raise DataError(f"{loc}: missing field {key!r} (format {fmt})")
-        if fmt == "chat":
-            _check_messages(row["messages"], loc)
-            continue
         for key in REQUIRED[fmt] + OPTIONAL_STR[fmt]:
             value = row.get(key)
             if value is not None and not isinstance(value, str):
@@ -164,12 +175,76 @@ def _check_text(value: str | None, where: str) -> None:
         raise DataError(f"{where} is not valid Unicode text (lone surrogate at character {e.start})") from None
 
 
-def _check_messages(messages: Any, loc: str) -> None:
-    if not isinstance(messages, list) or not messages:
-        raise DataError(f"{loc}: field 'messages' must be a non-empty list")
-    for j, m in enumerate(messages):
-        if not isinstance(m, dict) or not isinstance(m.get("content"), str) or m.get("role") not in ("system", "user", "assistant"):
-            raise DataError(f"{loc}: messages[{j}] must be {{'role': system|user|assistant, 'content': str}}")
-        _check_text(m["content"], f"{loc}: messages[{j}].content")
-    if messages[-1]["role"] != "assistant":
+def normalize_chat(row: dict[str, Any], loc: str) -> list[dict[str, Any]]:
+    """A chat row's turns as OpenAI messages whose ``content`` is a string.
+
+    Accepts ``messages`` (OpenAI: content a string or a list of ``{"type": "text", "text": ...}`` parts; assistant
+    ``tool_calls``; ``role: tool`` results; ``weight`` 0/1 on assistant messages) or ShareGPT's
+    ``conversations`` (``from``/``value``).
+
+    Raises:
+        DataError: naming the row and the message: a wrong role or content type, a weight other than 0/1, no
+            final assistant message, or a final assistant message with nothing in it (the answer trained and scored).
+    """
+    if "messages" in row and row["messages"] is not None:
+        messages = row["messages"]
+        if not isinstance(messages, list) or not messages:
+            raise DataError(f"{loc}: field 'messages' must be a non-empty list")
+        out = [_openai_message(m, f"{loc}: messages[{j}]") for j, m in enumerate(messages)]
+    elif "conversations" in row and row["conversations"] is not None:
+        turns = row["conversations"]
+        if not isinstance(turns, list) or not turns:
+            raise DataError(f"{loc}: field 'conversations' must be a non-empty list")
+        out = [_sharegpt_message(m, f"{loc}: conversations[{j}]") for j, m in enumerate(turns)]
+    else:
+        raise DataError(f"{loc}: missing field 'messages' (format chat; or ShareGPT's 'conversations')")
+    last = out[-1]
+    if last["role"] != "assistant":
         raise DataError(f"{loc}: the last message must be the assistant's (it is what the model learns to say)")
+    if not last["content"].strip() and not last.get("tool_calls"):
+        raise DataError(f"{loc}: the last (assistant) message is empty; it is the answer trained on and scored against")
+    return out
+
+
+def _openai_message(m: Any, where: str) -> dict[str, Any]:
+    shape = "{'role': system|user|assistant|tool, 'content': str or [{'type': 'text', 'text': str}, ...]}"
+    if not isinstance(m, dict) or m.get("role") not in ROLES:
+        raise DataError(f"{where} must be {shape}")
+    m = {k: v for k, v in m.items() if v is not None}  # Parquet gives every message every field, unset ones None
+    out = {k: v for k, v in m.items() if k not in ("content", "weight")}
+    content = m.get("content")
+    if isinstance(content, list):
+        if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str) for p in content):
+            raise DataError(f"{where}.content: a list of parts must hold only {{'type': 'text', 'text': str}} parts")
+        content = "".join(p["text"] for p in content)
+    elif content is None and m["role"] == "assistant" and m.get("tool_calls"):
+        content = ""  # a message that only calls tools
+    if not isinstance(content, str):
+        raise DataError(f"{where} must be {shape}")
+    _check_text(content, f"{where}.content")
+    out["content"] = content
+    if "tool_calls" in m:
+        _check_tool_calls(m["tool_calls"], where, m["role"])
+    if "weight" in m:
+        weight = m["weight"]
+        if m["role"] != "assistant" or isinstance(weight, bool) or weight not in (0, 1):
+            raise DataError(f"{where}.weight must be 0 or 1 on an assistant message, got {weight!r} "
+                            f"(role {m['role']})")
+        out["weight"] = int(weight)
+    return out
+
+
+def _check_tool_calls(calls: Any, where: str, role: str) -> None:
+    ok = role == "assistant" and isinstance(calls, list) and all(
+        isinstance(c, dict) and isinstance(c.get("function"), dict) and isinstance(c["function"].get("name"), str)
+        for c in calls)
+    if not ok:
+        raise DataError(f"{where}.tool_calls must be a list of {{'type': 'function', 'function': {{'name': str, "
+                        "'arguments': ...}}}} on an assistant message")
+
+
+def _sharegpt_message(m: Any, where: str) -> dict[str, Any]:
+    if not isinstance(m, dict) or m.get("from") not in SHAREGPT_ROLES or not isinstance(m.get("value"), str):
+        raise DataError(f"{where} must be {{'from': human|gpt|system, 'value': str}}")
+    _check_text(m["value"], f"{where}.value")
+    return {"role": SHAREGPT_ROLES[m["from"]], "content": m["value"]}

@@ -10,12 +10,15 @@ Kinds:
 
 from __future__ import annotations
 
+import json
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
-from peftkit.errors import ConfigError
+from peftkit.errors import ConfigError, DataError
 
 KINDS = ("auto", "chat", "alpaca", "none")
+CHAT_LOSS = ("all", "last")
 
 
 @dataclass
@@ -53,7 +56,8 @@ class Template:
         if "prompt" in example:
             return example["prompt"]
         if self.kind == "chat":
-            return self.tokenizer.apply_chat_template(to_messages(example)[:-1], tokenize=False, add_generation_prompt=True)
+            messages = self.chat_messages(to_messages(example))
+            return self._render(messages[: last_assistant(messages)], generation_prompt=True)
         if self.kind == "alpaca":
             return _alpaca_prompt(example)
         return "\n".join(p for p in (example.get("instruction", ""), example.get("input", "")) if p) + "\n"
@@ -65,13 +69,77 @@ class Template:
         if "text" in example and "instruction" not in example and "messages" not in example:
             return example["text"]
         if self.kind == "chat":
-            messages = to_messages(example)
-            prompt = self.tokenizer.apply_chat_template(messages[:-1], tokenize=False, add_generation_prompt=True)
-            full = self.tokenizer.apply_chat_template(messages, tokenize=False)
+            messages = self.chat_messages(to_messages(example))
+            last = last_assistant(messages)
+            prompt = self._render(messages[:last], generation_prompt=True)
+            full = self._render(messages[: last + 1])
             if full.startswith(prompt):
                 return full[len(prompt):]
-            return messages[-1]["content"]
-        return example["messages"][-1]["content"] if "messages" in example else example["output"]
+            return messages[last]["content"]
+        return reference(example)
+
+    # -- chat ------------------------------------------------------------------------------
+    def supports_tools(self) -> bool:
+        """Whether the tokenizer's chat template renders ``tool_calls`` itself."""
+        source = getattr(self.tokenizer, "chat_template", None) or ""
+        source = " ".join(source.values()) if isinstance(source, dict) else str(source)
+        return "tool_calls" in source
+
+    def chat_messages(self, messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Messages as the chat template takes them: no ``weight``; tool calls and tool results written out as
+        text (a tool result becomes a user turn) when the template does not render tools itself."""
+        tools = self.supports_tools()
+        out = []
+        for m in messages:
+            m = {k: v for k, v in m.items() if k != "weight"}
+            if not tools and m.get("tool_calls"):
+                calls = "\n".join(_call_text(c) for c in m.pop("tool_calls"))
+                m["content"] = (m.get("content") or "") + ("\n" if m.get("content") else "") + calls
+            if not tools and m["role"] == "tool":
+                name = m.get("name") or m.get("tool_call_id")
+                m = {"role": "user", "content": f"[tool result{f' {name}' if name else ''}]\n{m.get('content', '')}"}
+            out.append(m)
+        return out
+
+    def chat_segments(self, example: dict[str, Any], chat_loss: str = "all") -> list[tuple[str, bool]]:
+        """The rendered conversation cut into ``(text, trained)`` pieces that join to the whole.
+
+        Trained pieces are assistant turns (with the template's end-of-turn marker): every one with
+        ``chat_loss="all"`` (OpenAI fine-tuning, TRL, LLaMA-Factory), only the last with ``"last"``; an assistant
+        message with ``weight: 0`` never is. Turn ``i`` spans from the end of the conversation up to it rendered with
+        the assistant header (``add_generation_prompt``) to the end of the conversation up to and including it.
+        """
+        if chat_loss not in CHAT_LOSS:
+            raise ConfigError(f"data.chat_loss must be one of {', '.join(CHAT_LOSS)}, got {chat_loss!r}")
+        original = to_messages(example)
+        messages = self.chat_messages(original)
+        full = self._render(messages)
+        turns = [i for i, m in enumerate(original) if m["role"] == "assistant"]
+        if chat_loss == "last":
+            turns = turns[-1:]
+        spans = []
+        for i in (i for i in turns if original[i].get("weight", 1) == 1):
+            start = len(self._render(messages[:i], generation_prompt=True)) if i else 0
+            upto = self._render(messages[: i + 1])
+            if not full.startswith(upto) or start > len(upto) or (spans and start < spans[-1][1]):
+                # the template rewrites earlier turns (e.g. drops past reasoning): only the last turn is reliable
+                warnings.warn("the chat template does not render conversations prefix by prefix; only the last "
+                              "assistant turn is trained", stacklevel=2)
+                prompt = self.prompt_text(example)
+                return [(prompt, False), (self.response_text(example), True)] if original[-1].get("weight", 1) else \
+                    [(full, False)]
+            spans.append((start, len(upto)))
+        pieces, at = [], 0
+        for start, end in spans:
+            pieces += [(full[at:start], False), (full[start:end], True)]
+            at = end
+        pieces.append((full[at:], False))
+        return [(text, trained) for text, trained in pieces if text]
+
+    def _render(self, messages: list[dict[str, Any]], generation_prompt: bool = False) -> str:
+        if not messages:
+            return ""
+        return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
 
     # -- tokens ----------------------------------------------------------------------------
     def prompt_ids(self, example: dict[str, Any]) -> list[int]:
@@ -114,6 +182,41 @@ def user_example(prompt: str, system: str | None = None) -> dict[str, Any]:
     return ex
 
 
+def reference(example: dict[str, Any]) -> str:
+    """The example's answer in its own format: the last assistant turn of ``messages``, ``completion`` or
+    ``output`` (what generation is scored against).
+
+    Raises:
+        DataError: the example has no answer (or an empty one): scoring against "" would reward saying nothing.
+    """
+    if "messages" in example:
+        messages = example["messages"]
+        turns = [m for m in messages if m.get("role") == "assistant"] if isinstance(messages, list) else []
+        text = (turns[-1].get("content") or "") if turns else ""
+        if turns and not text.strip() and turns[-1].get("tool_calls"):
+            text = "\n".join(_call_text(c) for c in turns[-1]["tool_calls"])
+    else:
+        text = example.get("completion", example.get("output"))
+    if not isinstance(text, str) or not text.strip():
+        fields = "a last assistant message" if "messages" in example else "'completion' or 'output'"
+        raise DataError(f"example has no reference answer ({fields} with text) to score against")
+    return text
+
+
+def last_assistant(messages: list[dict[str, Any]]) -> int:
+    """Index of the last assistant message (the answer); the prompt is everything before it."""
+    for i in range(len(messages) - 1, -1, -1):
+        if messages[i].get("role") == "assistant":
+            return i
+    raise DataError("the conversation has no assistant message (the answer to train on or score against)")
+
+
+def _call_text(call: dict[str, Any]) -> str:
+    fn = call.get("function", {})
+    args = fn.get("arguments", "")
+    return f"[tool call] {fn.get('name')}({args if isinstance(args, str) else json.dumps(args)})"
+
+
 def to_messages(example: dict[str, Any]) -> list[dict[str, str]]:
     """The example as a chat: [system], user, assistant (the assistant turn holds the response)."""
     if "messages" in example:
@@ -127,7 +230,7 @@ def _alpaca_prompt(example: dict[str, Any]) -> str:
     if "messages" in example:  # multi-turn data in the alpaca layout
         parts = []
         for m in example["messages"][:-1]:
-            header = {"system": "", "user": "### Instruction:\n", "assistant": "### Response:\n"}[m["role"]]
+            header = {"system": "", "assistant": "### Response:\n"}.get(m["role"], "### Instruction:\n")
             parts.append(header + m["content"])
         return "\n\n".join(parts) + "\n\n### Response:\n"
     head = (example["system"] + "\n\n") if example.get("system") else ""

@@ -108,7 +108,8 @@ def compare(cfg: CompareConfig, log=print) -> dict[str, Any]:
         rows = []
         for k in cfg.eval.shots:
             log(f"base model, {k}-shot ...")
-            res = evaluate(model, tok, cfg.data.train, limit=cfg.eval.limit, shots=k)
+            res = evaluate(model, tok, cfg.data.train, limit=cfg.eval.limit, shots=k, log=log,
+                           **_test_args(cfg))
             rows.append({"label": f"{cfg.model} {k}-shot", "kind": "in-context", "shots": k, "metric": _metric(res), **res})
         base = {"rows": rows, "perplexity": _forgetting(model, tok, cfg.eval), "latency_ms": _latency(model, tok, cfg)}
         atomic_write_text(base_file, json.dumps(base, indent=2))
@@ -120,7 +121,7 @@ def compare(cfg: CompareConfig, log=print) -> dict[str, Any]:
             train_run(run_cfg, resume=bool(list_checkpoints(run_dir)), log=log)
         if not (run_dir / "eval.json").is_file():
             log(f"== {label}: scoring")
-            atomic_write_text(run_dir / "eval.json", json.dumps(_score_run(run_cfg, cfg, evaluate), indent=2))
+            atomic_write_text(run_dir / "eval.json", json.dumps(_score_run(run_cfg, cfg, evaluate, log), indent=2))
     report = build_report(cfg, runs, base)
     write_report(out, report)
     log(f"report: {out / 'report.md'} and {out / 'report.html'}")
@@ -132,7 +133,13 @@ def _metric(res: dict[str, Any]) -> tuple[str, float]:
     return name, res[name]
 
 
-def _score_run(run_cfg: RunConfig, cfg: CompareConfig, evaluate) -> dict[str, Any]:
+def _test_args(cfg: CompareConfig) -> dict[str, Any]:
+    """Where every row is scored: ``data.test``, or the rows each run held out of ``data.train`` (never its
+    training rows: :func:`peftkit.data.load.load_splits`), rendered with the runs' template."""
+    return {"test": cfg.data.test, "template": cfg.data.template}
+
+
+def _score_run(run_cfg: RunConfig, cfg: CompareConfig, evaluate, log=print) -> dict[str, Any]:
     from peftkit.core.inject import merge
     from peftkit.eval.tasks import load_model_with_adapter
 
@@ -142,7 +149,7 @@ def _score_run(run_cfg: RunConfig, cfg: CompareConfig, evaluate) -> dict[str, An
         model, tok = load_model_with_adapter(str(adapter))
     else:
         model, tok = load_model_with_adapter(run_cfg.model, str(adapter))
-    res = evaluate(model, tok, cfg.data.train, limit=cfg.eval.limit)
+    res = evaluate(model, tok, cfg.data.train, limit=cfg.eval.limit, log=log, **_test_args(cfg))
     scored = {"metric": _metric(res), **res, "perplexity": _forgetting(model, tok, cfg.eval),
               "latency_ms": _latency(model, tok, cfg), "latency_merged_ms": None,
               "adapter_bytes": sum(f.stat().st_size for f in adapter.rglob("*") if f.is_file())}
@@ -172,7 +179,7 @@ def _latency(model: nn.Module, tok: Any, cfg: CompareConfig, repeats: int = 3) -
     from peftkit.data.template import Template
     from peftkit.train.loop import model_device
 
-    splits = load_splits(cfg.data.train, seed=0)
+    splits = load_splits(cfg.data.train, test=cfg.data.test, seed=0)
     tmpl = Template.create(tok, cfg.data.template, splits.format)
     rows = (splits.test or splits.train)[: cfg.eval.latency_batch]
     batch = pad_batch([{"input_ids": tmpl.prompt_ids(r)} for r in rows], tok.pad_token_id or 0)

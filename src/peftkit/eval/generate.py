@@ -37,8 +37,14 @@ def generate(
             None: the active adapters answer every example.
 
     Raises:
-        ConfigError: ``adapter_names`` does not have one name per example, or names an unknown or unmixable adapter.
+        ConfigError: ``max_new_tokens`` < 1; with ``do_sample``, ``temperature`` <= 0 or ``top_p`` outside (0, 1];
+            ``adapter_names`` does not have one name per example, or names an unknown or unmixable adapter.
     """
+    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise ConfigError(f"max_new_tokens must be >= 1, got {max_new_tokens!r}")
+    if do_sample and not (0 < temperature < float("inf") and 0 < top_p <= 1):
+        raise ConfigError(f"sampling needs temperature > 0 and top_p in (0, 1], got temperature {temperature!r}, "
+                          f"top_p {top_p!r}")
     if adapter_names is not None and (isinstance(adapter_names, str) or len(adapter_names) != len(examples)):
         raise ConfigError(f"adapter_names must give one adapter name per example ({len(examples)}), got "
                           f"{adapter_names!r}")

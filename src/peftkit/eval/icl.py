@@ -14,14 +14,20 @@ from peftkit.data.template import to_messages
 
 
 def draw_shots(train: Sequence[dict[str, Any]], k: int, seed: int = 0, balance_key: str | None = "output",
-               options: Sequence[str] | None = None) -> list[dict[str, Any]]:
+               options: Sequence[str] | None = None, exclude: dict[str, Any] | None = None) -> list[dict[str, Any]]:
     """``k`` training examples (seeded). With label ``options``, shots cycle through the labels so that a
-    2-shot prompt shows both classes (a lone label biases small models towards it)."""
+    2-shot prompt shows both classes (a lone label biases small models towards it).
+
+    ``exclude``: the query; no shot equals it (a query shown solved in its own prompt scores a copy, not the
+    model). The pool is shuffled the same way for every query, so queries share their shots but for that one.
+    """
     if k <= 0:
         return []
     rng = random.Random(seed)
     pool = list(train)
     rng.shuffle(pool)
+    if exclude is not None:
+        pool = [r for r in pool if r != exclude]
     if not options or balance_key is None:
         return pool[:k]
     by_label = {o: [r for r in pool if r.get(balance_key) == o] for o in options}
@@ -47,4 +53,5 @@ def with_shots(example: dict[str, Any], shots: Sequence[dict[str, Any]]) -> dict
     own = to_messages(example)
     system = [m for m in own if m["role"] == "system"]
     rest = [m for m in own if m["role"] != "system"]
-    return {"messages": system + turns + rest, "output": example.get("output", "")}
+    out = {"messages": system + turns + rest}
+    return {**out, "output": example["output"]} if "output" in example else out

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 from peftkit.core.io import WEIGHTS_NAME, read_adapter_config
 from peftkit.errors import AdapterFileError, ConfigError
+from peftkit.models.builtin import adapter_base
 
 EMBEDDING_TYPES = ("PROMPT_TUNING", "P_TUNING")
 
@@ -34,6 +35,7 @@ def inspect_prompt(adapter_dir: str | os.PathLike, model: str | None = None, top
 
     Raises:
         ConfigError: bad ``top_k``, or no model given and none named by the adapter.
+        AdapterFileError: the base the adapter names is gone (no model given).
         AdapterFileError: not a prompt tuning / P-tuning adapter, or its width does not fit the model.
     """
     if top_k < 1:
@@ -43,9 +45,7 @@ def inspect_prompt(adapter_dir: str | os.PathLike, model: str | None = None, top
         raise AdapterFileError(f"{adapter_dir}: a {config['peft_type']} adapter has no virtual tokens in the word "
                                "embedding space; inspect-prompt reads prompt tuning and P-tuning adapters")
     prompt = _read_prompt(Path(adapter_dir) / WEIGHTS_NAME)  # (N, d)
-    name = model or config.get("base_model_name_or_path")
-    if not name:
-        raise ConfigError(f"{adapter_dir}: the adapter names no base model; pass --model")
+    name = model or adapter_base(adapter_dir)
     vocab, tokenizer = _vocabulary(name, config.get("task_type"))  # (V, d)
     if vocab.shape[1] != prompt.shape[1]:
         raise AdapterFileError(f"{adapter_dir}: virtual tokens are {prompt.shape[1]} wide but {name}'s embeddings are "

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import math
 import random
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -22,10 +23,10 @@ import torch
 import torch.nn as nn
 
 from peftkit.core.files import atomic_write_text
-from peftkit.data.load import Splits, load_splits
-from peftkit.data.template import Template
+from peftkit.data.load import MIN_SPLIT_ROWS, Splits, load_splits
+from peftkit.data.template import Template, reference
 from peftkit.errors import ConfigError, DataError
-from peftkit.eval.classify import classify
+from peftkit.eval.classify import option_logprobs
 from peftkit.eval.generate import generate
 from peftkit.eval.icl import draw_shots, with_shots
 from peftkit.eval.metrics import generation_metrics
@@ -57,8 +58,16 @@ def evaluate(
     max_new_tokens: int = 48,
     predictions_file: str | Path | None = None,
     transform: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
+    test: str | None = None,
+    log: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
     """Score ``model`` on ``split`` of ``data`` (the first ``limit`` examples of a seeded shuffle).
+
+    The test split of a user file is ``test`` (a file, scored whole) or else the rows training holds out of
+    ``data`` (:func:`peftkit.data.load.load_splits`), never rows a run trained on; only a file too small to split
+    is scored whole, and ``log`` (default: stderr) says which it was (also ``test_source`` in the result).
+    Generation is scored against each example's own answer (:func:`peftkit.data.template.reference`); a shot
+    never equals its query.
 
     ``transform`` rewrites every example (and shot) before it is rendered, e.g. to give it the task
     instruction a multi-task run trained with (:func:`peftkit.data.mixture.with_instruction`).
@@ -79,49 +88,73 @@ def evaluate(
     if is_seq_cls(model):  # a classification head answers directly: accuracy of its arg-max class
         if task not in ("auto", "classification"):
             raise ConfigError(f"a sequence-classification model scores task classification, not {task!r}")
-        res = evaluate_seq_cls(model, tokenizer, data, split, limit, seed, batch_size=batch_size)
+        res = evaluate_seq_cls(model, tokenizer, data, split, limit, seed, batch_size=batch_size, test=test)
         if predictions_file is not None:
             lines = [json.dumps({"text": r["text"], "reference": r["label"], "prediction": p})
                      for r, p in zip(res.pop("rows"), res.pop("predictions"))]
             atomic_write_text(predictions_file, "\n".join(lines) + "\n")
         return {k: v for k, v in res.items() if k not in ("rows", "predictions")}
-    splits, task = _load_task(data, task, seed)
+    splits, task = _load_task(data, task, seed, test)
     rows = list(getattr(splits, split))
     if not rows:
         raise DataError(f"{data!r} has no {split} split (give a file with data.test / --split train)")
+    if split == "test" and splits.test_source:
+        (log or _log_stderr)(f"{data}: {splits.test_source}")
     random.Random(seed).shuffle(rows)
     rows = rows[:limit] if limit else rows
-    shot_rows = draw_shots(splits.train, shots, seed, options=splits.label_options) if shots else []
+    refs = [_reference(r, i, data, split) for i, r in enumerate(rows)]
+    shot_rows = [draw_shots(splits.train, shots, seed, options=splits.label_options, exclude=r) for r in rows]
     if transform is not None:
-        rows, shot_rows = [transform(r) for r in rows], [transform(r) for r in shot_rows]
-    queries = [with_shots(r, shot_rows) for r in rows]
+        rows, shot_rows = [transform(r) for r in rows], [[transform(s) for s in ss] for ss in shot_rows]
+    queries = [with_shots(r, ss) for r, ss in zip(rows, shot_rows)]
     tmpl = Template.create(tokenizer, template, splits.format)
     out: dict[str, Any] = {"task": task, "data": data, "split": split, "n": len(rows), "shots": shots}
+    if split == "test" and splits.test_source:
+        out["test_source"] = splits.test_source
     if task in ("classification", "multiple_choice"):
-        options = splits.label_options or sorted({r["output"] for r in splits.train + rows})
-        res = classify(model, tmpl, queries, options, "output", batch_size)
-        out["accuracy"] = res.accuracy
-        preds = res.predictions
+        options = splits.label_options or sorted({reference(r) for r in splits.train} | set(refs))
+        scores = option_logprobs(model, tmpl, queries, options, batch_size)
+        preds = [options[i] for i in scores.argmax(-1).tolist()]
+        out["accuracy"] = sum(p == r for p, r in zip(preds, refs)) / len(refs)
     else:
         preds = generate(model, tmpl, queries, max_new_tokens=max_new_tokens, batch_size=batch_size, seed=seed)
-        refs = [tmpl.response_text(r) if "completion" in r else r.get("output", "") for r in rows]
         out.update(generation_metrics(preds, refs))
     if predictions_file is not None:
-        lines = [json.dumps({"prompt": tmpl.prompt_text(q), "reference": r.get("output", r.get("completion")),
-                             "prediction": p}) for q, r, p in zip(queries, rows, preds)]
+        lines = [json.dumps({"prompt": tmpl.prompt_text(q), "reference": ref, "prediction": p})
+                 for q, ref, p in zip(queries, refs, preds)]
         atomic_write_text(predictions_file, "\n".join(lines) + "\n")
     return out
 
 
-def _load_task(data: str, task: str, seed: int) -> tuple[Splits, str]:
+def _reference(row: dict[str, Any], i: int, data: str, split: str) -> str:
+    try:
+        return reference(row)
+    except DataError as e:
+        raise DataError(f"{data}: {split} example {i}: {e}") from None
+
+
+def _log_stderr(message: str) -> None:
+    print(f"peftkit: {message}", file=sys.stderr)
+
+
+def _load_task(data: str, task: str, seed: int, test: str | None = None) -> tuple[Splits, str]:
     """The splits, and the task kind resolved from ``auto``."""
     from peftkit.data.builtin import BUILTIN_DATASETS
 
     if data not in BUILTIN_DATASETS and _is_multiple_choice_file(data):
-        return _multiple_choice_splits(data, seed), "multiple_choice"
-    splits = load_splits(data, fmt="auto", validation_fraction=0.0, seed=seed)
+        splits = _multiple_choice_splits(data, seed)
+        if test is not None:  # a dedicated test file of questions: scored whole, shots from ``data``
+            splits.test, splits.test_source = _multiple_choice_splits(test, seed).test, f"test file {test}"
+        return splits, "multiple_choice"
+    splits = load_splits(data, test=test, fmt="auto", validation_fraction=0.0, seed=seed)
+    if splits.format == "text":  # nothing to prompt with and no answer to compare: generation would start empty
+        raise DataError(f"{data}: text-format rows (a 'text' field) have no prompt and answer to score; for the "
+                        "perplexity of the text, give it as a .txt file (--data FILE.txt)")
     if not splits.test and data not in BUILTIN_DATASETS:
-        splits.test = splits.train  # a user file is the thing to evaluate
+        splits.test = splits.train  # too small to split: the file is the thing to evaluate
+        splits.test_source = (f"{len(splits.train)} rows, too few to hold out a test split (files under "
+                              f"{MIN_SPLIT_ROWS} rows are not split): scoring every row, training rows for a model "
+                              "trained on this file")
     if task == "auto":
         task = "classification" if splits.label_options else "generation"
     return splits, task
@@ -145,6 +178,7 @@ def _multiple_choice_splits(path: str, seed: int) -> Splits:
     letters = list(LETTERS[:n_choices])
     examples = [{"instruction": "Answer the multiple-choice question with the letter of the correct choice.",
                  "input": ex["input"], "output": ex["output"]} for ex, _ in converted]
+    # an evaluation-only file: every question is scored, shots are other questions of the file (draw_shots)
     return Splits(train=examples, test=examples, format="alpaca", label_options=letters)
 
 

@@ -9,7 +9,9 @@ largest transients of a QLoRA run (bench/memory.py, BENCHMARKS.md "Memory").
 Here the weight is dequantized by blocks of output rows of at most :data:`BLOCK_BYTES` each, and each block's
 product is written into its columns of the output (``out[:, rows] = x·W[rows]ᵀ``; backward accumulates
 ``grad[:, rows]·W[rows]``): the same values (the same dequantization kernel, the block boundaries on the
-quantization blocks: outputs and input gradients equal to float rounding), no transient larger
+quantization blocks: outputs and input gradients equal to float rounding; where that kernel would compute
+wrong scales, bitsandbytes 0.50.2's AVX512 path for widths not a multiple of the block size, a pure-torch
+dequantization of the same values instead: :func:`_kernel_is_safe`), no transient larger
 than one block, and faster (the block is still in cache when the matmul reads it: 0.73-0.84x the time of
 bitsandbytes' path for 2048-wide layers on this CPU, equal on small ones; tests/methods/test_qlora.py). Every
 block lands in one reused buffer per thread (:func:`peftkit.methods.qlora.scratch`): a fresh allocation per block
@@ -73,21 +75,94 @@ def dequantized_blocks(packed: torch.Tensor, quant_state: Any, dtype: torch.dtyp
         yield first, weight if dtype == torch.float32 else weight.to(dtype)
 
 
+def dequantize_4bit(packed: torch.Tensor, quant_state: Any) -> torch.Tensor:
+    """The fp32 weight (out, in) of a CPU 4-bit layer, in a tensor of its own: its :func:`dequantized_blocks`
+    (bitsandbytes' kernel where it computes the right values, :func:`_kernel_is_safe`; else pure torch) copied
+    in. What merging and export use (:func:`peftkit.methods.qlora.dequantize_weight`) instead of bitsandbytes'
+    ``dequantize_4bit``, whose CPU op runs the kernel on the whole weight whatever its width."""
+    out_features, in_features = quant_state.shape
+    weight = torch.empty(out_features, in_features, dtype=torch.float32, device=packed.device)
+    for first, block in dequantized_blocks(packed, quant_state, torch.float32):
+        weight[first:first + block.shape[0]] = block
+    if quant_state.dtype != torch.float32:  # bitsandbytes dequantizes to the stored dtype
+        weight = weight.to(quant_state.dtype).to(torch.float32)
+    return weight
+
+
 def _dequantize_rows(packed: torch.Tensor, absmax: torch.Tensor, blocksize: int, quant_type: str, n: int,
                      in_features: int) -> torch.Tensor:
     """(n, in) fp32 values of ``n`` whole rows, written into this thread's :func:`scratch` buffer by
-    bitsandbytes' own CPU kernel (its op has no CPU ``out=`` variant); elsewhere, or where its CPU op takes
-    another route (odd widths; AVX512 with blocks >= 2048), the op itself (a fresh tensor)."""
-    kernel = getattr(_native_lib(), f"cdequantize_blockwise_cpu_{quant_type}_fp32", None)
-    if (packed.device.type != "cpu" or kernel is None or in_features % 2
-            or (blocksize >= 2048 and torch.backends.cpu.get_cpu_capability() == "AVX512")):
+    bitsandbytes' own CPU kernel (its op has no CPU ``out=`` variant) where that kernel is right
+    (:func:`_kernel_is_safe`; even widths), else by :func:`_dequantize_torch` (the same values); off the CPU,
+    bitsandbytes' op (a fresh tensor)."""
+    if packed.device.type != "cpu":
         return torch.ops.bitsandbytes.dequantize_4bit.default(packed, absmax, blocksize, quant_type,
                                                               (n, in_features), torch.float32)
     out = scratch(n * in_features, packed.device).view(n, in_features)  # overwritten by the next block
     packed, absmax = packed.view(torch.uint8).contiguous(), absmax.float().contiguous()
+    kernel = getattr(_native_lib(), f"cdequantize_blockwise_cpu_{quant_type}_fp32", None)
+    if kernel is None or in_features % 2 or not _kernel_is_safe(in_features, blocksize, n):
+        _dequantize_torch(packed.view(-1), absmax, blocksize, quant_type, out.view(-1))
+        return out
     kernel(get_ptr(packed), get_ptr(absmax), get_ptr(out), ctypes.c_longlong(blocksize), ctypes.c_longlong(n),
            ctypes.c_longlong(in_features))
     return out
+
+
+def _kernel_is_safe(in_features: int, blocksize: int, rows: int = 2) -> bool:
+    """Whether bitsandbytes' CPU 4-bit kernel (``cdequantize_blockwise_cpu_{nf4,fp4}_*``) dequantizes a
+    (rows, in_features) weight right on this CPU.
+
+    Its AVX512 path (taken when the CPU has AVX512F, by CPUID, whatever torch's capability) in bitsandbytes
+    0.50.2 checks ``in_features % 16 == 0`` but not ``in_features % blocksize == 0``, and scales value
+    (row, col) by ``absmax[row * (in_features // blocksize) + col // blocksize]`` (found by disassembling its
+    CPU library and emulating that loop; issue #23). The right scale is ``absmax[(row * in_features + col) //
+    blocksize]`` (blocks run along the flattened weight): the two agree for every value only when
+    ``in_features`` is a multiple of ``blocksize`` or there is a single row (row 0); otherwise a row boundary
+    falls inside a block and every row after the first gets wrong scales. Its scalar and AVX2 paths index
+    the flattened weight and are right. bitsandbytes itself avoids the AVX512 path for ``blocksize >= 2048``
+    (accuracy issues): so does this.
+    """
+    if not _cpu_has_avx512f():
+        return True
+    return blocksize < 2048 and (in_features % blocksize == 0 or rows <= 1)
+
+
+@functools.cache
+def _cpu_has_avx512f() -> bool:
+    """Whether this CPU has AVX512F, as bitsandbytes' kernels decide (its native ``has_avx512f_cpu``, CPUID);
+    where that is missing, the ``avx512f`` flag of /proc/cpuinfo (Linux); else False."""
+    try:
+        return bool(_native_lib().has_avx512f_cpu())
+    except (AttributeError, RuntimeError, OSError):  # an older or a mock library: no such symbol
+        pass
+    try:
+        with open("/proc/cpuinfo") as f:
+            return any(line.startswith("flags") and "avx512f" in line.split() for line in f)
+    except OSError:
+        return False
+
+
+@functools.cache
+def _code_pairs(quant_type: str, device: str) -> torch.Tensor:
+    """(256, 2) fp32: the 4-bit code values of a byte's high and low nibble (the high one comes first)."""
+    code = bnb.functional.get_4bit_type(quant_type, device=device).float()
+    byte = torch.arange(256, device=device)
+    return torch.stack([code[byte >> 4], code[byte & 0xF]], dim=1)
+
+
+def _dequantize_torch(packed: torch.Tensor, absmax: torch.Tensor, blocksize: int, quant_type: str,
+                      out: torch.Tensor) -> None:
+    """``out[i] = code[nibble i] * absmax[i // blocksize]`` for the ``out.numel()`` values of flat packed bytes
+    (high nibble first), in pure torch: one fp32 product per value, the value bitsandbytes' kernels (and its
+    default backend's ``_dequantize_4bit_compute``) compute where they are right. Temporaries ~2.5x ``out``."""
+    numel = out.numel()
+    values = torch.index_select(_code_pairs(quant_type, str(packed.device)), 0, packed.int()).view(-1)
+    full = numel // blocksize * blocksize
+    torch.mul(values[:full].view(-1, blocksize), absmax[:full // blocksize].unsqueeze(1),
+              out=out[:full].view(-1, blocksize))
+    if full < numel:  # a last partial block
+        torch.mul(values[full:numel], absmax[full // blocksize], out=out[full:])
 
 
 @functools.cache
@@ -153,5 +228,5 @@ class BlockwiseLinear4bit(bnb.nn.Linear4bit):
         return out.to(x.dtype)
 
 
-__all__ = ["BLOCK_BYTES", "BlockwiseLinear4bit", "block_absmax", "block_rows", "dequantized_blocks",
-           "quantize_4bit_by_rows"]
+__all__ = ["BLOCK_BYTES", "BlockwiseLinear4bit", "block_absmax", "block_rows", "dequantize_4bit",
+           "dequantized_blocks", "quantize_4bit_by_rows"]

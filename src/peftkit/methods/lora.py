@@ -124,6 +124,10 @@ class LoraConfig(TargetedConfig):
                 raise ConfigError(f"adapter_config.json uses {key!r}, which peftkit does not support")
         if d.get("lora_bias"):
             raise ConfigError("adapter_config.json uses 'lora_bias', which peftkit does not support")
+        if d.get("ensure_weight_tying") and d.get("modules_to_save"):
+            raise ConfigError("adapter_config.json uses 'ensure_weight_tying' with 'modules_to_save' (one trained copy "
+                              "shared by tied modules), which peftkit does not support; without it a tied module in "
+                              "modules_to_save gets a copy of its own, as in PEFT")
         if d.get("layers_pattern") and d.get("layers_to_transform") is not None:
             raise ConfigError("adapter_config.json uses 'layers_pattern', which peftkit does not support")
         init = d.get("init_lora_weights", True)

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import ctypes
 import dataclasses
+import logging
 import os
 import sys
 import threading
@@ -45,6 +46,19 @@ from peftkit.core.targeting import find_targets
 from peftkit.methods.lora import LoraConfig, LoraLinear, attach_lora
 
 BLOCK = 64  # weights per NF4 scale (bitsandbytes' CPU default)
+
+
+class _NoKernelHubNotice(logging.Filter):
+    """Drops bitsandbytes' warning, logged on import on AVX512-BF16 CPUs, that the optional ``kernels`` hub package
+    is missing: peftkit never uses that kernel (its own NF4 path runs on CPU; _nf4.py), so there is nothing to act on.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("Failed to load CPU gemm_4bit_forward from kernels-community")
+
+
+# installed before anything imports bitsandbytes: registering the methods imports this module first
+logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(_NoKernelHubNotice())
 
 
 @dataclass
@@ -141,7 +155,14 @@ def dequantize_weight(module: nn.Module) -> torch.Tensor:
     import bitsandbytes.functional as bf
 
     if isinstance(module, bnb.nn.Linear4bit):
-        return bf.dequantize_4bit(module.weight.data, module.weight.quant_state).to(torch.float32)
+        state = module.weight.quant_state
+        if module.weight.device.type == "cpu" and not getattr(state, "packing_format_for_cpu", False):
+            from peftkit.methods._nf4 import dequantize_4bit
+
+            # not bitsandbytes' CPU op: its kernel scales rows with wrong absmax on AVX512 CPUs when in_features
+            # is not a multiple of the block size (bitsandbytes 0.50.2; _nf4._kernel_is_safe)
+            return dequantize_4bit(module.weight.data, state)
+        return bf.dequantize_4bit(module.weight.data, state).to(torch.float32)
     scb = module.weight.SCB if getattr(module.weight, "SCB", None) is not None else module.state.SCB
     return bf.int8_vectorwise_dequant(module.weight.data, scb).to(torch.float32)  # (out, in)
 

@@ -24,7 +24,7 @@ import json
 import os
 import shutil
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -32,11 +32,12 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from peftkit.core.files import atomic_dir
-from peftkit.errors import ConfigError
+from peftkit.errors import AdapterFileError, ConfigError
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+DEFAULT_MODEL = "smollm2-135m"  # what commands load when neither --model nor an adapter names a model
 # Bump when the conversion changes, so that old cache folders are rebuilt.
 _CONVERSION_VERSION = 1
 _MARKER = "peftkit_builtin.json"
@@ -48,6 +49,9 @@ _AUTO_CLASSES = {
     "base": "AutoModel",  # the bare model: hidden states, e.g. for sentence embeddings
 }
 TASKS = tuple(_AUTO_CLASSES)
+# files one of which a folder's tokenizer is read from (fast tokenizer first, then the slow ones' vocabularies)
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt",
+                    "spiece.model", "sentencepiece.bpe.model")
 
 
 @dataclass(frozen=True)
@@ -121,6 +125,57 @@ def resolve_model(name_or_path: str | os.PathLike) -> Path:
     )
 
 
+def default_model(adapters: Sequence[str | os.PathLike] = ()) -> str:
+    """The model a command loads when none is named: the base the adapters record, else ``DEFAULT_MODEL``.
+
+    Raises:
+        ConfigError / AdapterFileError: an adapter records no base, or one that is gone (a deleted folder, a hub name), or
+            several adapters record different bases; the message says to pass ``--model``.
+    """
+    if not adapters:
+        return DEFAULT_MODEL
+    bases = {str(a): adapter_base(a) for a in adapters}
+    if len(set(bases.values())) > 1:
+        listed = "; ".join(f"{a}: {b}" for a, b in bases.items())
+        raise AdapterFileError(f"the adapters record different base models ({listed}); pass --model")
+    return next(iter(bases.values()))
+
+
+def adapter_base(adapter: str | os.PathLike) -> str:
+    """The base model ``adapter`` records, as a name :func:`load_model` takes.
+
+    Read from ``adapter_config.json`` (``base_model_name_or_path``, PEFT's field), else from ``peftkit.json``.
+    A built-in model's converted cache folder is given back as its alias, so that a cleared or moved cache is
+    converted again rather than missed.
+
+    Raises:
+        ConfigError: the adapter records no base.
+        AdapterFileError: the recorded base is neither a local model folder nor a built-in alias.
+    """
+    from peftkit.core.identity import read_identity
+    from peftkit.core.io import read_adapter_config
+
+    name = read_adapter_config(adapter).get("base_model_name_or_path") or read_identity(adapter).get(
+        "base_model_name_or_path")
+    if not isinstance(name, str) or not name:
+        raise ConfigError(f"{adapter}: the adapter names no base model; pass --model")
+    if name in BUILTIN_MODELS:
+        return name
+    path = Path(name).expanduser()
+    if path.name in BUILTIN_MODELS and path.parent.name == "models" and (
+            not path.exists() or (path / _MARKER).is_file()):
+        return path.name  # the built-in's converted copy (peftkit's cache)
+    if (path / "config.json").is_file():
+        return name
+    if path.is_dir():
+        what = "holds no config.json (not a model folder)"
+    elif path.is_absolute() or name.startswith((".", "~")):
+        what = "no longer exists"
+    else:  # e.g. a hub name recorded by PEFT
+        what = "is neither a local model folder nor a built-in alias"
+    raise AdapterFileError(f"{adapter}: the adapter's recorded base model {name} {what}; pass --model")
+
+
 def load_model(
     name_or_path: str | os.PathLike,
     task: str = "causal_lm",
@@ -155,16 +210,59 @@ def load_model(
         raise ConfigError(f"num_labels is only for task='seq_cls', not {task!r}")
     path = resolve_model(name_or_path)
     local = {"local_files_only": True, "trust_remote_code": trust_remote_code}
-    tokenizer = transformers.AutoTokenizer.from_pretrained(path, **local)
+    tokenizer = _load_tokenizer(path, local)
     extra = {} if num_labels is None else {"num_labels": num_labels}
     auto_class = getattr(transformers, _AUTO_CLASSES[task])
-    model = auto_class.from_pretrained(path, dtype=dtype, **local, **extra)
+    model = _load_weights(auto_class, path, dtype=dtype, **local, **extra)
     if tokenizer.pad_token is None and tokenizer.eos_token is not None:
         tokenizer.pad_token = tokenizer.eos_token
     if getattr(model.config, "pad_token_id", None) is None and tokenizer.pad_token_id is not None:
         # Decoder classifiers find each row's last token through pad_token_id.
         model.config.pad_token_id = tokenizer.pad_token_id
     return model, tokenizer
+
+
+def _load_tokenizer(path: Path, local: dict[str, Any]) -> Any:
+    """The folder's tokenizer; a folder without one (or with a broken one) is a one-line ConfigError."""
+    import transformers
+
+    try:
+        return transformers.AutoTokenizer.from_pretrained(path, **local)
+    except (OSError, ValueError, TypeError, KeyError) as e:
+        if not any((path / f).is_file() for f in _TOKENIZER_FILES):
+            raise ConfigError(f"model folder {path} has no tokenizer files ({', '.join(_TOKENIZER_FILES[:2])}, ...): "
+                              "save the tokenizer there too (tokenizer.save_pretrained)") from None
+        raise ConfigError(f"model folder {path}: cannot load its tokenizer ({_first_line(e)})") from None
+
+
+def _load_weights(auto_class: Any, path: Path, **kwargs: Any) -> Any:
+    """``auto_class.from_pretrained``, with damaged or unsafe weight files turned into one ConfigError line."""
+    import pickle
+
+    from safetensors import SafetensorError
+
+    try:
+        return auto_class.from_pretrained(path, **kwargs)
+    except pickle.UnpicklingError:  # torch's weights_only loader refused a pickle holding more than tensors
+        files = sorted(p.name for p in path.glob("*.bin")) or ["the .bin file"]
+        raise ConfigError(
+            f"model folder {path}: {files[0]} is a pickle that torch's safe loader refuses (it holds objects besides "
+            "tensors); peftkit loads safetensors and never runs a pickle: if you trust the file, convert it once, "
+            f"e.g. python -c \"import torch; from safetensors.torch import save_file; "
+            f"sd = torch.load('{path / files[0]}', weights_only=False); "
+            f"save_file({{k: v.contiguous().clone() for k, v in sd.items() if torch.is_tensor(v)}}, "
+            f"'{path / 'model.safetensors'}', metadata={{'format': 'pt'}})\", then remove {files[0]}") from None
+    except SafetensorError as e:
+        names = sorted(p.name for p in path.glob("*.safetensors"))
+        which = names[0] if len(names) == 1 else "a .safetensors file"
+        raise ConfigError(f"model folder {path}: {which} is damaged or truncated ({_first_line(e)})") from None
+    except (OSError, ValueError, KeyError, TypeError, ImportError) as e:
+        raise ConfigError(f"model {path}: cannot load the weights ({_first_line(e)})") from None
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0][:300] if text else type(e).__name__
 
 
 def _package_dir(entry: BuiltinModel) -> Path:

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from peftkit.core.files import atomic_dir
+from peftkit.core.files import atomic_dir, refuse_overlap
 from peftkit.core.inject import unload
 from peftkit.errors import ConfigError
 
@@ -32,6 +32,7 @@ def merge_to_folder(model_name: str, adapter: str, out: str | Path, dtype: str =
     if dtype not in DTYPES:
         raise ConfigError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     out = Path(out)
+    refuse_overlap(out, {"--adapter": adapter, **({"--model": model_name} if Path(model_name).is_dir() else {})})
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise ConfigError(f"{out} exists and is not empty; choose another folder or pass --overwrite")
     model, tok = load_model_with_adapter(model_name, adapter, strict_base)

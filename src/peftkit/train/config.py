@@ -83,6 +83,8 @@ class DataConfig:
         template: ``auto`` (the tokenizer's chat template if it has one, else alpaca), ``chat``, ``alpaca`` or ``none``.
         max_length: examples longer than this many tokens are truncated (and counted).
         train_on_prompt: compute the loss on prompt tokens too (default: response tokens only).
+        chat_loss: chat data: ``all`` trains every assistant turn (OpenAI fine-tuning, TRL), ``last`` only the last one;
+            an assistant message with ``weight: 0`` is never trained.
         packing: pack several examples per row, attention kept inside each example.
         group_by_length: batch examples of similar length together (less padding).
         max_train_examples: use at most this many training examples (after shuffling with the seed).
@@ -104,6 +106,7 @@ class DataConfig:
     template: Literal["auto", "chat", "alpaca", "none"] = "auto"
     max_length: int = 256
     train_on_prompt: bool = False
+    chat_loss: Literal["all", "last"] = "all"
     packing: bool = False
     group_by_length: bool = True
     max_train_examples: int | None = None
@@ -151,7 +154,10 @@ class TrainConfig:
     """Attributes:
         max_steps: optimizer steps to run.
         batch_size: examples per micro-batch.
-        grad_accum: micro-batches per optimizer step (effective batch = batch_size x grad_accum).
+        grad_accum: micro-batches per optimizer step (effective batch = batch_size x grad_accum). A step trains on
+            the examples one batch of batch_size x grad_accum would hold (formed, length-grouped, at that size and cut
+            into grad_accum micro-batches; an epoch's short last step included); with ``data.packing`` the
+            micro-batches are consecutive token-budget runs of the epoch's shuffled order.
         lr: peak learning rate (AdamW); default: the method's (``peftkit info`` lists them).
         weight_decay: AdamW weight decay.
         schedule: ``cosine``, ``linear`` (decay to 0) or ``constant``, after warmup.
@@ -358,6 +364,8 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig
 def read_yaml_mapping(path: str | Path) -> dict[str, Any]:
     """A YAML file that must hold a mapping; every way it can be wrong is a one-line ConfigError."""
     p = Path(path)
+    if p.is_dir():
+        raise ConfigError(f"config {p} is a directory, not a YAML file")
     if not p.is_file():
         raise ConfigError(f"config file not found: {p}")
     try:
@@ -419,4 +427,31 @@ def dump_config(cfg: RunConfig) -> str:
     return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
 
 
-__all__ = ["DataConfig", "EvalConfig", "RunConfig", "TaskConfig", "TrainConfig", "apply_override", "build_method_config", "dump_config", "load_config"]
+#: what may change when a run resumes: how long it goes on, how often it logs, evaluates and saves, the end-of-run
+#: evaluation (``eval.*``), and where/how it is written. Everything else (model, method and its settings, data,
+#: optimisation) is part of the state the checkpoint holds and cannot change mid-run.
+RESUMABLE = ("train.max_steps", "train.eval_every", "train.save_every", "train.log_every", "train.keep_checkpoints",
+             "train.threads", "output_dir", "overwrite")
+
+
+def resume_changes(saved: RunConfig, new: RunConfig) -> tuple[dict[str, tuple[Any, Any]], dict[str, tuple[Any, Any]]]:
+    """The dotted keys whose values differ between a run's saved config and the one it is resumed with, as
+    ``(refused, allowed)``: ``{key: (saved value, new value)}``; allowed are :data:`RESUMABLE` and ``eval.*``."""
+    a, b = _flat(saved.to_dict()), _flat(new.to_dict())
+    changed = {k: (a.get(k), b.get(k)) for k in sorted(a.keys() | b.keys()) if a.get(k) != b.get(k)}
+    allowed = {k: v for k, v in changed.items() if k in RESUMABLE or k.startswith("eval.")}
+    return {k: v for k, v in changed.items() if k not in allowed}, allowed
+
+
+def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and v:
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+__all__ = ["RESUMABLE", "DataConfig", "EvalConfig", "RunConfig", "TaskConfig", "TrainConfig", "apply_override",
+           "build_method_config", "dump_config", "load_config", "resume_changes"]

@@ -40,7 +40,7 @@ from peftkit.train.config import TrainConfig
 from peftkit.train.lm_head import HeadCapture, head_positions, labelled_positions
 from peftkit.train.shared_prefix import can_share, checked, shared_prefix_len, shared_prefix_logits
 from peftkit.train.distributed import SINGLE, Dist, full_trainable_params, is_sharded, local_value, no_sync, shard, wrap
-from peftkit.train.tracking import Tracker, peak_memory_mb
+from peftkit.train.tracking import Tracker, current_memory_mb, peak_memory_mb
 
 MAX_CONSECUTIVE_SKIPS = 10  # train.on_nan=skip gives up after this many bad steps in a row
 
@@ -328,6 +328,38 @@ class StopSignal:
         self._old.clear()
 
 
+def warmup_step(max_steps: int, start_step: int = 0) -> int:
+    """The step after which memory should stop growing: 20 (issue #16's soak criterion), or half of a shorter
+    run; a resumed run counts from where it resumed (its buffers are new)."""
+    return start_step + max(1, min(20, (max_steps - start_step) // 2))
+
+
+@dataclass
+class RssMarks:
+    """The process's memory after the warm-up step and at the last step: a run whose memory grows with its steps
+    (a leak, or an allocator that keeps every batch shape's pages) shows it in the run summary."""
+
+    warmup_step: int
+    warmup_mb: float | None = None
+    end_mb: float | None = None
+    end_step: int | None = None
+
+    def after_step(self, step: int, max_steps: int, device: torch.device) -> float:
+        rss = current_memory_mb(device)
+        if step == self.warmup_step:
+            self.warmup_mb = rss
+        self.end_mb, self.end_step = rss, step
+        return rss
+
+    def summary(self) -> dict[str, Any]:
+        growth = (100 * (self.end_mb - self.warmup_mb) / self.warmup_mb
+                  if self.warmup_mb and self.end_mb is not None else None)
+        return {"rss_warmup_step": self.warmup_step if self.warmup_mb is not None else None,
+                "rss_warmup_mb": None if self.warmup_mb is None else round(self.warmup_mb, 1),
+                "rss_end_mb": None if self.end_mb is None else round(self.end_mb, 1),
+                "rss_growth_percent": None if growth is None else round(growth, 1)}
+
+
 class NullTracker:
     """What ranks other than 0 log to: nothing."""
 
@@ -413,20 +445,35 @@ class Trainer:
 
     # -- data --------------------------------------------------------------------------------
     def _epoch_batches(self, epoch: int) -> list[list[int]]:
-        """Global batches (``batch_size`` x ranks) of one epoch: the same order on every rank."""
+        """Global micro-batches (``batch_size`` x ranks) of one epoch: the same order on every rank.
+
+        With ``grad_accum`` k > 1 (padded batches) the epoch is ordered as the batches of one optimizer step
+        (``batch_size`` x ranks x k, length-grouped like any batch), each cut into k micro-batches, so a step
+        trains on the examples the k-times larger batch would; a short last step is padded with empty
+        micro-batches (skipped) so that every step starts at a multiple of k.
+        """
         size = self.cfg.batch_size * self.dist.world_size
         budget = size * self.max_length if self.packing else None
         if self.batch_order is not None:
             return self.batch_order(epoch)
-        return batch_order(self.lengths, size, self.cfg.seed, epoch, self.group_by_length, budget)
+        k = self.cfg.grad_accum
+        if k == 1 or self.packing:
+            return batch_order(self.lengths, size, self.cfg.seed, epoch, self.group_by_length, budget)
+        steps = batch_order(self.lengths, size * k, self.cfg.seed, epoch, self.group_by_length)
+        micro = [[step[s:s + size] for s in range(0, len(step), size)] for step in steps]
+        return [b for m in micro for b in m + [[]] * (k - len(m))]
 
-    def _next_batch(self) -> tuple[dict[str, torch.Tensor], float]:
-        """This rank's part of the next global batch, and its weight (0 for a stand-in)."""
+    def _next_batch(self) -> tuple[dict[str, torch.Tensor], float] | None:
+        """This rank's part of the next global batch, and its weight (0 for a stand-in); None for an empty
+        micro-batch (the padding of an epoch's short last step)."""
         s = self.state
         if s.batch_in_epoch >= len(self._batches):
             s.epoch += 1
             s.batch_in_epoch = 0
             self._batches = self._epoch_batches(s.epoch)
+        if not self._batches[s.batch_in_epoch]:
+            s.batch_in_epoch += 1
+            return None
         mine, weight = local_slice(self._batches[s.batch_in_epoch], self.dist)
         s.batch_in_epoch += 1
         examples = [self.train_data[i] for i in mine]
@@ -453,6 +500,7 @@ class Trainer:
         self.model.train()
         self._window = [0.0, 0.0, 0, time.perf_counter()]  # loss sum, tokens, steps, start time
         self._bad_in_row = 0
+        self.rss = RssMarks(warmup_step(cfg.max_steps, self.state.step))
         try:
             with StopSignal() as stop:
                 while self.state.step < cfg.max_steps:
@@ -487,7 +535,7 @@ class Trainer:
     def _step(self, stop: StopSignal) -> int | None:
         """One optimizer step (or a skipped bad batch); returns the signal number if asked to stop."""
         cfg, dist = self.cfg, self.dist
-        micro = [self._next_batch() for _ in range(cfg.grad_accum)]
+        micro = [m for m in (self._next_batch() for _ in range(cfg.grad_accum)) if m is not None]
         if self.split_padding and not self.packing:  # long rows apart: less padding, the same sums
             micro = [(sub, weight) for batch, weight in micro for sub in split_padded(batch)]
         n_local = sum(self.objective.count(b) * w for b, w in micro)
@@ -541,6 +589,7 @@ class Trainer:
         w[1] += seen_tokens
         w[2] += 1
         self.tracker.advance(s.step)
+        rss = self.rss.after_step(s.step, cfg.max_steps, self.device)
         if s.step % cfg.log_every == 0 or s.step == cfg.max_steps:
             elapsed = time.perf_counter() - w[3]
             self.tracker.log(s.step, {
@@ -549,6 +598,7 @@ class Trainer:
                 "tokens_per_s": w[1] / max(elapsed, 1e-9),
                 "epoch": s.epoch,
                 "peak_memory_mb": round(peak_memory_mb(self.device), 1),
+                "rss_mb": round(rss, 1),
             })
             self._window = [0.0, 0.0, 0, time.perf_counter()]
         last_step = s.step == cfg.max_steps

@@ -130,8 +130,10 @@ def _load_task(cfg: RunConfig, index: int, tokenizer: Any) -> Task:
         random.Random(seed).shuffle(train_rows)
         train_rows = train_rows[:limit]
     val_rows = splits.validation[: d.max_validation_examples] if d.max_validation_examples else splits.validation
-    task.train = encode_all(template, [task.prepare_example(r) for r in train_rows], d.max_length, d.train_on_prompt)
-    task.val = encode_all(template, [task.prepare_example(r) for r in val_rows], d.max_length, d.train_on_prompt)
+    task.train = encode_all(template, [task.prepare_example(r) for r in train_rows], d.max_length, d.train_on_prompt,
+                            d.chat_loss)
+    task.val = encode_all(template, [task.prepare_example(r) for r in val_rows], d.max_length, d.train_on_prompt,
+                            d.chat_loss)
     if not task.train.examples:
         raise ConfigError(f"{where}: no training example is left after tokenization (all responses truncated away?)")
     return task
@@ -165,8 +167,8 @@ def task_test_metrics(model: nn.Module, tokenizer: Any, cfg: RunConfig, log=prin
         if tc.instruction is not None:
             transform = functools.partial(with_instruction, instruction=tc.instruction, where=f"data.tasks[{i}]")
         try:
-            res = evaluate(model, tokenizer, tc.test or tc.train, split="test", limit=cfg.eval.limit,
-                           template=tc.template or cfg.data.template, seed=cfg.train.seed, transform=transform)
+            res = evaluate(model, tokenizer, tc.train, split="test", limit=cfg.eval.limit, test=tc.test,
+                           template=tc.template or cfg.data.template, seed=cfg.train.seed, transform=transform, log=log)
         except PeftkitError as e:
             raise type(e)(f"task metrics of {tc.name}: {e}") from None
         metric = "accuracy" if "accuracy" in res else "rougeL"

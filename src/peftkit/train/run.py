@@ -97,6 +97,32 @@ def check_output_dir(out: Path, overwrite: bool, resume: bool) -> None:
     check_writable(out)
 
 
+def check_resume_config(out: Path, cfg: RunConfig, log: Callable[[str], Any] = print) -> None:
+    """Compare the config a run is resumed with against the one it saved (``config.yaml``): refuse changes the
+    checkpoint cannot continue under (method and its settings, model, data, optimisation), log those it can
+    (``RESUMABLE``: max_steps, log/eval/save frequency, the end-of-run evaluation).
+
+    Raises:
+        ConfigError: naming each refused key with its saved and new value.
+    """
+    from peftkit.train.config import load_config, resume_changes
+
+    saved_file = out / "config.yaml"
+    if not saved_file.is_file():
+        return  # a run from before config.yaml was written: nothing to compare with
+    try:
+        saved = load_config(saved_file)
+    except ConfigError as e:
+        raise ConfigError(f"--resume: the run's saved config cannot be read ({e})") from None
+    refused, allowed = resume_changes(saved, cfg)
+    if refused:
+        diffs = "; ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in refused.items())
+        raise ConfigError(f"--resume: the config differs from the run's {saved_file} in what a checkpoint cannot "
+                          f"continue under ({diffs}); resume with the same settings, or start a new output_dir")
+    if allowed:
+        log("resume: changed " + "; ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in allowed.items()))
+
+
 def check_writable(out: Path) -> None:
     """``out`` exists as a writable folder, or its nearest existing ancestor is one (so it can be made).
 
@@ -137,6 +163,8 @@ def train_run(cfg: RunConfig, resume: bool = False, show_progress: bool | None =
 def _train(cfg: RunConfig, resume: bool, show_progress: bool | None, log: Callable[[str], Any], d: Dist) -> dict[str, Any]:
     out = Path(cfg.output_dir)
     d.run_on_main(lambda: check_output_dir(out, cfg.overwrite, resume))
+    if resume:
+        d.run_on_main(lambda: check_resume_config(out, cfg, log))
     reset_peak_memory()  # this run's own peak, even when a process trains several (peftkit compare)
     start = time.perf_counter()
     prep = prepare(cfg)
@@ -163,6 +191,8 @@ def _train(cfg: RunConfig, resume: bool, show_progress: bool | None, log: Callab
     log(f"data: {len(enc_train.examples)} train / {len(enc_val.examples)} validation examples, "
         f"template {template.kind}; truncated to {cfg.data.max_length} tokens: {enc_train.truncated} train, "
         f"{enc_val.truncated} validation; dropped (nothing left to learn): {enc_train.dropped + enc_val.dropped}")
+    if getattr(splits, "test_source", None):  # a held-out test split: which rows eval / compare will score
+        log(f"test split: {splits.test_source}")
     if d.active:
         log(f"distributed: {d.mode} on {d.world_size} rank(s), backend {torch.distributed.get_backend()}; "
             f"effective batch {effective} = {t.batch_size} per rank x {d.world_size} ranks x {t.grad_accum} accumulation")
@@ -243,6 +273,7 @@ def _train(cfg: RunConfig, resume: bool, show_progress: bool | None, log: Callab
             "effective_batch_size": effective,
             "peak_memory_mb": round(peak_memory_mb(trainer.device), 1),
             "predicted_memory_mb": predicted_peak_mb(cfg, model, shape),  # after reading the peak: may allocate a little
+            **trainer.rss.summary(),  # memory after warm-up and at the end: growth with the steps shows here
             "wall_time_s": round(time.perf_counter() - start, 1),
             "adapter": str(final),
             "output_kind": final.name,
@@ -259,10 +290,13 @@ def _train(cfg: RunConfig, resume: bool, show_progress: bool | None, log: Callab
 
     with full_trainable_params(model):  # FSDP: the whole adapter, not this rank's shard
         summary = d.broadcast(d.run_on_main(finish))
-    log(f"done: {state.step} steps, adapter saved to {out / 'adapter'}; peak memory {summary['peak_memory_mb']:.0f} MB")
+    log(f"done: {state.step} steps, {'model' if full_model else 'adapter'} saved to {final}; peak memory {summary['peak_memory_mb']:.0f} MB")
     if summary.get("predicted_memory_mb") is not None:
         log(f"memory: predicted {summary['predicted_memory_mb']:.0f} MB, measured {summary['peak_memory_mb']:.0f} MB "
             f"(allocator: {in_use()})")
+    if summary.get("rss_growth_percent") is not None:
+        log(f"memory held: {summary['rss_warmup_mb']:,.0f} MB after step {summary['rss_warmup_step']}, "
+            f"{summary['rss_end_mb']:,.0f} MB at the end ({summary['rss_growth_percent']:+.1f}%)")
     return summary
 
 

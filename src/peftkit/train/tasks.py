@@ -224,7 +224,7 @@ class CausalLMTask:
         return method_cfg
 
     def encode(self, template: Template, tokenizer: Any, rows: list[dict[str, Any]], cfg: Any, splits: Any) -> Encoded:
-        return encode_all(template, rows, cfg.data.max_length, cfg.data.train_on_prompt)
+        return encode_all(template, rows, cfg.data.max_length, cfg.data.train_on_prompt, cfg.data.chat_loss)
 
     def write_extras(self, path: Path, splits: Any) -> None:
         """Files written next to the exported adapter/model."""
@@ -391,13 +391,15 @@ def model_labels(model: nn.Module, data_labels: Sequence[str]) -> list[str]:
 
 
 def evaluate_seq_cls(model: nn.Module, tokenizer: Any, data: str, split: str = "test", limit: int | None = None,
-                     seed: int = 0, max_length: int = 256, batch_size: int = 32) -> dict[str, Any]:
-    """Accuracy of a classification head on ``split`` of ``data`` (the first ``limit`` of a seeded shuffle)."""
+                     seed: int = 0, max_length: int = 256, batch_size: int = 32,
+                     test: str | None = None) -> dict[str, Any]:
+    """Accuracy of a classification head on ``split`` of ``data`` (the first ``limit`` of a seeded shuffle);
+    ``test``: a file scored whole as the test split."""
     import random
 
     from peftkit.errors import DataError
 
-    splits = load_classification(data, validation_fraction=0.0, seed=seed)
+    splits = load_classification(data, test=test, validation_fraction=0.0, seed=seed)
     rows = list(getattr(splits, split))
     if not rows and data not in _builtin_names():
         rows = list(splits.train)  # a user file is the thing to evaluate

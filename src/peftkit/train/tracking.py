@@ -21,13 +21,27 @@ def peak_memory_mb(device: torch.device | None = None) -> float:
         return torch.cuda.max_memory_allocated(device) / 2**20
     # VmHWM belongs to this process image; ru_maxrss survives exec, so a child started from a big process
     # (a test runner) would report its parent's peak
+    hwm = _status_mb("VmHWM")
+    return hwm if hwm is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+def current_memory_mb(device: torch.device | None = None) -> float:
+    """Memory this process holds now: allocated on CUDA, else resident set size (VmRSS)."""
+    if device is not None and device.type == "cuda":
+        return torch.cuda.memory_allocated(device) / 2**20
+    rss = _status_mb("VmRSS")
+    return 0.0 if rss is None else rss  # not Linux: unknown (the peak still has ru_maxrss)
+
+
+def _status_mb(field: str) -> float | None:
+    """A memory field of /proc/self/status in MB, or None where there is no such file (not Linux)."""
     try:
         for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
+            if line.startswith(field + ":"):
                 return int(line.split()[1]) / 1024
     except OSError:
         pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+    return None
 
 
 def reset_peak_memory(device: torch.device | None = None) -> None:
@@ -45,13 +59,16 @@ def reset_peak_memory(device: torch.device | None = None) -> None:
 
 
 class Tracker:
-    """Logs metrics to every sink; the progress bar shows loss, lr, tokens/s and ETA."""
+    """Logs metrics to every sink. On a terminal a progress bar shows loss, lr, tokens/s and ETA; otherwise
+    (a pipe, a log file, CI, nohup) each logged step prints one plain line with the same facts and the RSS."""
 
     def __init__(self, output_dir: Path, total_steps: int, start_step: int = 0, show_progress: bool | None = None) -> None:
         self.output_dir = Path(output_dir)
         self.metrics_file = self.output_dir / "metrics.jsonl"
         self.console = Console(stderr=True)
         show = sys.stderr.isatty() if show_progress is None else show_progress
+        self.lines = show_progress is None and not show  # chosen for a terminal-less run, not silenced by the caller
+        self.total_steps, self.start_step, self.started = total_steps, start_step, time.perf_counter()
         self.progress = Progress(
             TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
             TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TimeRemainingColumn(),
@@ -79,6 +96,9 @@ class Tracker:
         if "loss" in metrics:
             info = f"loss {metrics['loss']:.4f}  lr {metrics.get('lr', 0):.2e}  {metrics.get('tokens_per_s', 0):,.0f} tok/s"
             self.progress.update(self.task, info=info)
+            if self.lines:
+                print(progress_line(step, self.total_steps, metrics, self.start_step, time.perf_counter() - self.started),
+                      flush=True)
 
     def advance(self, step: int) -> None:
         self.progress.update(self.task, completed=step)
@@ -90,6 +110,17 @@ class Tracker:
         self.progress.stop()
         if self._tb is not None:
             self._tb.close()
+
+
+def progress_line(step: int, total: int, metrics: dict[str, Any], start_step: int, elapsed: float) -> str:
+    """``step 20/60  loss 2.1043  lr 1.00e-03  1,234 tok/s  eta 1m05s  rss 2,210 MB``: the bar's facts as plain text."""
+    done = step - start_step
+    eta = elapsed / done * (total - step) if done > 0 else 0.0
+    parts = [f"step {step}/{total}", f"loss {metrics['loss']:.4f}", f"lr {metrics.get('lr', 0):.2e}",
+             f"{metrics.get('tokens_per_s', 0):,.0f} tok/s", f"eta {int(eta // 60)}m{int(eta % 60):02d}s"]
+    if metrics.get("rss_mb") is not None:
+        parts.append(f"rss {metrics['rss_mb']:,.0f} MB")
+    return "  ".join(parts)
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:
