@@ -233,11 +233,24 @@ REALISTIC = ["train.max_steps=2", "train.eval_every=0", "train.save_every=0", "t
              "data.max_length=128", "data.max_train_examples=16", "data.max_validation_examples=4", "train.threads=1"]
 
 
+#: issue #23 item 10: LoRA on q/k/v/o over chat data (chatterbot through the chat template), batch 4, rows up to
+#: 128 tokens; predicted 1,082 MB against 2,337 measured under the never-purge allocator setting of issue #16
+CHAT = ["method.target_modules=[q_proj,k_proj,v_proj,o_proj]", "data.train=chatterbot", "train.max_steps=4",
+        "train.eval_every=0", "train.save_every=0", "train.warmup_steps=0", "train.batch_size=4", "data.max_length=128",
+        "data.max_train_examples=16", "data.max_validation_examples=4", "train.threads=1"]
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("settings", [SHORT, REALISTIC], ids=["short", "realistic"])
 @pytest.mark.parametrize("method", ["lora", "qlora"])
 def test_prediction_matches_peak_rss_smollm2(tmp_path, method, settings):
     predicted, measured = _train_peak(tmp_path, [f"method.name={method}", *settings])
+    assert abs(predicted - measured) / measured < 0.25, (predicted, measured)
+
+
+@pytest.mark.slow
+def test_prediction_matches_peak_rss_smollm2_chat_qkvo(tmp_path):
+    predicted, measured = _train_peak(tmp_path, ["method.name=lora", *CHAT])
     assert abs(predicted - measured) / measured < 0.25, (predicted, measured)
 
 
