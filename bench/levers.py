@@ -303,10 +303,11 @@ def step_models(shape: str) -> dict[str, Any]:
 def build_step(model: Any, stack: str, fused_loss: bool = True, lora_before_: bool = False) -> Callable[[], None]:
     """As bench/speed.py's fixed-shape step, small: forward + backward + clip + AdamW."""
     import torch
+    from speed import LR
 
     from peftkit.train.config import TrainConfig
-    from peftkit.train.loop import lm_loss_sum, make_optimizer
-    from speed import LR
+    from peftkit.train.loss import lm_loss_sum
+    from peftkit.train.optim import make_optimizer
 
     ids = torch.randint(model.config.vocab_size, (BATCH, SEQ), generator=torch.Generator().manual_seed(1))
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}

@@ -8,7 +8,7 @@ backward, gradient clipping, AdamW, as :class:`peftkit.train.loop.Trainer` does.
   weights      every parameter and buffer as stored (quantized weights: packed data + scales)
   B/param      frozen base bytes / base parameters (QLoRA: also per quantized parameter, linear layers only)
   peak         the process's peak RSS (VmHWM: Python + torch + the model + the steps)
-  predicted    peftkit's prediction (``peftkit memory``: :func:`peftkit.train.memory.predict_memory`, computed
+  predicted    peftkit's prediction (``peftkit memory``: :func:`peftkit.runs.memory.predict_memory`, computed
                on the meta device before the worker starts)
   step         the median wall time of the steps after the first (the first allocates optimizer states)
 
@@ -121,7 +121,7 @@ def build_model(spec: ModelSpec, variant: Variant, seed: int = 0) -> Any:
     import torch
 
     from peftkit.core.inject import inject
-    from peftkit.train.config import build_method_config
+    from peftkit.runs.config import build_method_config
 
     method = build_method_config(variant.method)
     dtype = torch.bfloat16 if variant.weights == "bf16" else torch.float32
@@ -180,8 +180,8 @@ def _fill_tensor(p: Any, key: str) -> None:
 def weight_stats(model: Any) -> dict[str, Any]:
     """Bytes as stored: the whole model, the frozen base per base parameter, the quantized layers per parameter."""
     from peftkit.core.adapter import adapter_layers, get_state
-    from peftkit.methods.qlora import is_quantized
-    from peftkit.train.memory import _logical_numel, _stored_bytes
+    from peftkit.methods.quantize import is_quantized
+    from peftkit.runs.memory import _logical_numel, _stored_bytes
 
     names = list(get_state(model).configs)  # what an adapter layer adds (LoRA's A and B), not the base it wraps
     adapter = {id(p) for _, layer in adapter_layers(model) for a in names for _, p in layer.adapter_named_parameters(a)}
@@ -217,7 +217,9 @@ def run_job(job: dict[str, Any]) -> dict[str, Any]:
 
     from peftkit.allocator import in_use, release_free_memory
     from peftkit.train.config import TrainConfig
-    from peftkit.train.loop import enable_gradient_checkpointing, lm_loss_sum, make_optimizer
+    from peftkit.train.loop import enable_gradient_checkpointing
+    from peftkit.train.loss import lm_loss_sum
+    from peftkit.train.optim import make_optimizer
 
     if job.get("threads"):
         torch.set_num_threads(job["threads"])
@@ -315,8 +317,9 @@ def predict(spec: ModelSpec, variant: Variant, batch: int, seq: int, checkpointi
 
     from peftkit.core.inject import inject
     from peftkit.models import resolve_model
-    from peftkit.train.config import DataConfig, RunConfig, TrainConfig
-    from peftkit.train.memory import predict_memory
+    from peftkit.runs.config import DataConfig, RunConfig
+    from peftkit.runs.memory import predict_memory
+    from peftkit.train.config import TrainConfig
 
     dtype = torch.bfloat16 if variant.weights == "bf16" else torch.float32
     if spec.builtin is not None:
@@ -378,7 +381,7 @@ def available_mb() -> float:
 def native_bf16() -> bool:
     import torch
 
-    from peftkit.train.loop import native_bf16 as native
+    from peftkit.train.precision import native_bf16 as native
 
     return native(torch.device("cpu"))
 

@@ -48,7 +48,15 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from _common import alternate, machine, median, peak_rss_mb, reset_peak, rss_mb, worker_main  # noqa: E402
+from _common import (  # noqa: E402
+    alternate,
+    machine,
+    median,
+    peak_rss_mb,
+    reset_peak,
+    rss_mb,
+    worker_main,
+)
 
 SCRIPT = Path(__file__).resolve()
 PARTS = ("matmul", "step", "gen", "real")
@@ -235,7 +243,9 @@ def build_step(job: dict[str, Any]) -> tuple[Any, Any, dict[str, Any]]:
     import torch
 
     from peftkit.train.config import TrainConfig
-    from peftkit.train.loop import autocast, lm_loss_sum, make_optimizer
+    from peftkit.train.loss import lm_loss_sum
+    from peftkit.train.optim import make_optimizer
+    from peftkit.train.precision import autocast
 
     shapes = QUICK_SHAPES if job.get("quick") else SHAPES
     model = attach(config_model(shapes[job["shape"]]), job["stack"], job["shape"])
@@ -453,7 +463,9 @@ def _train_peftkit(model: Any, examples: list, pad_id: int, job: dict[str, Any],
     """peftkit's Trainer with its defaults; ``job["levers"]`` switches single levers off (or on)."""
     import peftkit.train.loop as loop
     from peftkit.data.collate import batch_order
-    from peftkit.train.config import DataConfig, TrainConfig
+    from peftkit.runs.config import DataConfig
+    from peftkit.train.config import TrainConfig
+    from peftkit.train.loss import lm_loss_sum
 
     levers = job.get("levers", {})
     data = DataConfig()
@@ -466,11 +478,11 @@ def _train_peftkit(model: Any, examples: list, pad_id: int, job: dict[str, Any],
     processed, computed = _peftkit_tokens(examples, batches, pad_id, packing, levers)
     cfg = TrainConfig(max_steps=len(batches), batch_size=bs, lr=LR, eval_every=0, save_every=0,
                       log_every=len(batches), seed=0, **levers.get("train", {}))
-    extra = {"split_padding": levers.get("split_padding", True)}
+    extra = {}
     if levers.get("loss"):  # keyword arguments of lm_loss_sum, e.g. {"labelled_only": False}
-        extra["objective"] = dataclasses.replace(loop.LM_OBJECTIVE, loss_sum=functools.partial(loop.lm_loss_sum, **levers["loss"]))
-    trainer = loop.Trainer(model, examples, [], cfg, pad_id, out, None, packing, group, data.max_length,
-                           show_progress=False, **extra)
+        extra["objective"] = dataclasses.replace(loop.LM_OBJECTIVE, loss_sum=functools.partial(lm_loss_sum, **levers["loss"]))
+    batching = loop.Batching(pad_id, packing, group, data.max_length, levers.get("split_padding", True))
+    trainer = loop.Trainer(model, examples, [], cfg, batching, loop.Wiring(out, show_progress=False, **extra))
     start = time.perf_counter()
     trainer.fit()
     return time.perf_counter() - start, processed, computed, len(batches)
@@ -617,7 +629,7 @@ def fused_loss_default() -> dict[str, Any]:
     import inspect
 
     from peftkit.train.config import TrainConfig
-    from peftkit.train.loop import lm_loss_sum
+    from peftkit.train.loss import lm_loss_sum
 
     param = inspect.signature(lm_loss_sum).parameters.get("fused_loss")
     return {"lm_loss_sum": None if param is None else param.default,

@@ -25,15 +25,15 @@ import torch
 
 import peftkit
 from peftkit.core.adapter import disable_adapters, set_active
-from peftkit.core.combine import combine_adapters
+from peftkit.methods.lora_combine import combine_adapters
 from peftkit.core.files import atomic_write_text
 from peftkit.data.builtin import general_text_path
 from peftkit.data.template import Template, user_example
 from peftkit.eval.generate import generate
 from peftkit.eval.tasks import evaluate, perplexity
 from peftkit.models import load_model
-from peftkit.train.config import load_config
-from peftkit.train.run import train_run
+from peftkit.runs.config import load_config
+from peftkit.runs.run import train_run
 
 LORA = ["method.name=lora", "method.r=8", "method.alpha=16", "method.dropout=0.0",
         "method.target_modules=[q_proj,k_proj,v_proj,o_proj]"]

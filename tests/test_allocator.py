@@ -156,3 +156,34 @@ def test_the_default_never_keeps_freed_pages_for_good():
     env = plan({}, platform="linux", find=lambda: LIB)
     conf = env.get("MALLOC_CONF") or ""
     assert "decay_ms:-1" not in conf.replace(" ", "")
+
+
+def test_process_memory_helpers_live_here_and_import_no_torch():
+    """All process-memory code is in peftkit.allocator, which the console command imports before torch."""
+    code = ("import sys; import peftkit.allocator as a; "
+            "print(all(callable(getattr(a, n)) for n in ('trim_heap', 'file_backed', 'release_file_pages', "
+            "'file_mappings', 'glibc_heap_keeps_freed_memory', 'release_free_memory')), 'torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert out == ["True", "False"]
+
+
+def test_heap_trim_and_page_release_leave_values_alone(tmp_path):
+    """``trim_heap`` never fails; ``release_file_pages`` on anonymous memory does nothing (it would zero it)."""
+    import torch
+
+    t = torch.arange(4096 * 4, dtype=torch.float32)
+    allocator.trim_heap()
+    assert not allocator.file_backed(t)
+    allocator.release_file_pages(t)
+    assert torch.equal(t, torch.arange(4096 * 4, dtype=torch.float32))
+
+
+def test_glibc_heap_term_is_off_under_mmap_threshold_or_another_allocator(monkeypatch):
+    monkeypatch.delenv("LD_PRELOAD", raising=False)
+    monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_", raising=False)
+    assert allocator.glibc_heap_keeps_freed_memory()
+    monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "131072")
+    assert not allocator.glibc_heap_keeps_freed_memory()
+    monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_")
+    monkeypatch.setenv("LD_PRELOAD", LIB)
+    assert not allocator.glibc_heap_keeps_freed_memory()

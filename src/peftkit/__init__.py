@@ -6,17 +6,15 @@
     peftkit.save_adapter(model, "out/adapter")        # PEFT-format folder
 """
 
-from typing import TYPE_CHECKING
-
-# The names below load on first use (PEP 562): ``import peftkit`` stays cheap, so the ``peftkit`` command can
-# choose its memory allocator (peftkit.allocator) before torch is imported.
+# The public API, one table: name -> the module that defines it. ``__all__``, ``dir(peftkit)`` and the lazy
+# attribute lookup below all read it. The names load on first use (PEP 562): ``import peftkit`` stays cheap, so the
+# ``peftkit`` command can choose its memory allocator (peftkit.allocator) before torch is imported.
 _EXPORTS = {
     "ParamCount": "peftkit.core.adapter",
     "count_parameters": "peftkit.core.adapter",
     "disable_adapters": "peftkit.core.adapter",
     "mark_only_adapters_trainable": "peftkit.core.adapter",
     "set_active": "peftkit.core.adapter",
-    "combine_adapters": "peftkit.core.combine",
     "ConfigError": "peftkit.core.config",
     "delete_adapter": "peftkit.core.inject",
     "inject": "peftkit.core.inject",
@@ -38,11 +36,16 @@ _EXPORTS = {
     "LinearProbeConfig": "peftkit.methods.linear_probe",
     "LlamaAdapterConfig": "peftkit.methods.llama_adapter",
     "LoraConfig": "peftkit.methods.lora",
+    "combine_adapters": "peftkit.methods.lora_combine",
     "PTuningConfig": "peftkit.methods.p_tuning",
     "PrefixTuningConfig": "peftkit.methods.prefix_tuning",
     "PromptTuningConfig": "peftkit.methods.prompt_tuning",
+    "QLoraConfig": "peftkit.methods.qlora",
     "SelectiveConfig": "peftkit.methods.selective",
 }
+
+__version__ = "0.1.0"
+__all__ = sorted(_EXPORTS)
 
 
 def __getattr__(name: str):
@@ -58,68 +61,3 @@ def __getattr__(name: str):
 
 def __dir__() -> list[str]:
     return sorted({*globals(), *_EXPORTS})
-
-
-if TYPE_CHECKING:
-    from peftkit.core.adapter import (
-        ParamCount,
-        count_parameters,
-        disable_adapters,
-        mark_only_adapters_trainable,
-        set_active,
-    )
-    from peftkit.core.combine import combine_adapters
-    from peftkit.core.config import ConfigError
-    from peftkit.core.inject import delete_adapter, inject, merge, unload, unmerge
-    from peftkit.core.io import AdapterFileError, adapter_state_dict, load_adapter, save_adapter
-    from peftkit.core.mixed import mixed_batch
-    from peftkit.core.registry import get_method, list_methods
-    from peftkit.methods.bitfit import BitFitConfig
-    from peftkit.methods.bottleneck import BottleneckConfig
-    from peftkit.methods.dora import DoraConfig
-    from peftkit.methods.full import FullConfig
-    from peftkit.methods.ia3 import IA3Config
-    from peftkit.methods.linear_probe import LinearProbeConfig
-    from peftkit.methods.llama_adapter import LlamaAdapterConfig
-    from peftkit.methods.lora import LoraConfig
-    from peftkit.methods.p_tuning import PTuningConfig
-    from peftkit.methods.prefix_tuning import PrefixTuningConfig
-    from peftkit.methods.prompt_tuning import PromptTuningConfig
-    from peftkit.methods.selective import SelectiveConfig
-
-
-__version__ = "0.1.0"
-
-__all__ = [
-    "AdapterFileError",
-    "BitFitConfig",
-    "BottleneckConfig",
-    "ConfigError",
-    "DoraConfig",
-    "FullConfig",
-    "IA3Config",
-    "LinearProbeConfig",
-    "LlamaAdapterConfig",
-    "LoraConfig",
-    "PTuningConfig",
-    "PrefixTuningConfig",
-    "PromptTuningConfig",
-    "SelectiveConfig",
-    "ParamCount",
-    "adapter_state_dict",
-    "combine_adapters",
-    "count_parameters",
-    "delete_adapter",
-    "disable_adapters",
-    "get_method",
-    "inject",
-    "list_methods",
-    "load_adapter",
-    "mark_only_adapters_trainable",
-    "merge",
-    "mixed_batch",
-    "save_adapter",
-    "set_active",
-    "unload",
-    "unmerge",
-]

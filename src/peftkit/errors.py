@@ -19,3 +19,7 @@ class AdapterFileError(PeftkitError):
 
 class NotMergeableError(PeftkitError, TypeError):
     """A method whose adapter cannot be folded into the base weights was asked to merge."""
+
+
+class TrainingError(PeftkitError):
+    """Training cannot go on (e.g. the loss became NaN)."""

@@ -62,9 +62,10 @@ def test_train_generate_merge_and_load_merged_with_transformers(tiny_lm_dir, dat
     with torch.no_grad():
         torch.testing.assert_close(plain(ids).logits, with_adapter(ids).logits, atol=1e-4, rtol=1e-4)
 
+    from transformers import AutoTokenizer
+
     from peftkit.data.template import Template, user_example
     from peftkit.eval.generate import generate
-    from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(tiny_lm_dir)
     direct = generate(plain, Template.create(tok), [user_example("Say the color of grass")], max_new_tokens=4)

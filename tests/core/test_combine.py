@@ -1,5 +1,6 @@
-"""Combining LoRA adapters (peftkit.core.combine): exactness of cat/linear, SVD rank and optimality, TIES and DARE
-on small hand-computed tensors, stacking, the errors, and real PEFT's ``add_weighted_adapter`` as the oracle."""
+"""Combining LoRA adapters (peftkit.core.combine, peftkit.methods.lora_combine): exactness of cat/linear, SVD rank
+and optimality, TIES and DARE on small hand-computed tensors, stacking, the errors, and real PEFT's
+``add_weighted_adapter`` as the oracle."""
 
 from __future__ import annotations
 
@@ -14,20 +15,18 @@ import torch.nn as nn
 from transformers import AutoModelForCausalLM
 
 import peftkit
-from peftkit.core.combine import (
-    COMBINATIONS,
-    check_adapter_files,
+from peftkit.core.adapter import adapter_parameters
+from peftkit.core.combine import COMBINATIONS, check_adapter_files, load_sources
+from peftkit.core.identity import SIDECAR_NAME
+from peftkit.errors import AdapterFileError, ConfigError
+from peftkit.methods.lora import LoraLayer
+from peftkit.methods.lora_combine import (
     combine_adapters,
-    load_sources,
     low_rank,
     magnitude_trim,
     random_drop,
     ties_merge,
 )
-from peftkit.core.adapter import adapter_parameters
-from peftkit.core.identity import SIDECAR_NAME
-from peftkit.errors import AdapterFileError, ConfigError
-from peftkit.methods.lora import LoraLayer
 from tests.tiny import make_tiny, perturb_adapters
 
 ATOL = 1e-5
@@ -421,3 +420,11 @@ def test_non_lora_folder_is_refused_before_loading(tmp_path) -> None:
     fresh = make_tiny("llama").build()
     assert load_sources(fresh, paths) == ["a", "b"]
     assert list(fresh.peftkit_state.configs) == ["a", "b"]
+
+
+def test_the_methods_that_combine_say_so_on_their_config():
+    """Which methods combine is a declared fact of their config (``combinable``), not a list of names in core."""
+    from peftkit.core.registry import METHODS, list_methods
+
+    list_methods()  # registers the built-in methods
+    assert {n for n, m in METHODS.items() if m.config_cls.combinable} == {"lora", "qlora"}

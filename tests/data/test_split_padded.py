@@ -9,7 +9,8 @@ import peftkit
 from peftkit.data.collate import pad_batch, split_padded
 from peftkit.data.tokenize import IGNORE
 from peftkit.train.config import TrainConfig
-from peftkit.train.loop import Trainer, lm_loss_sum
+from peftkit.train.loop import Batching, Trainer, Wiring
+from peftkit.train.loss import lm_loss_sum
 from tests.grads import FP32_U, assert_same_sums, record_step_grads
 from tests.tiny import VOCAB, build_llama
 
@@ -78,7 +79,8 @@ def test_trainer_step_is_the_same_with_and_without_splitting(tmp_path) -> None:
         peftkit.inject(model, peftkit.LoraConfig(r=4, init="random"))
         calls = []
         handle = model.register_forward_hook(lambda m, a, out: calls.append(1))
-        trainer = Trainer(model, data, [], cfg, 0, tmp_path / str(split), show_progress=False, split_padding=split)
+        trainer = Trainer(model, data, [], cfg, Batching(0, split_padding=split),
+                          Wiring(tmp_path / str(split), show_progress=False))
         steps = record_step_grads(trainer)
         trainer.fit()
         handle.remove()

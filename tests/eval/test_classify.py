@@ -3,9 +3,7 @@ import torch
 import torch.nn.functional as F
 
 import peftkit
-from peftkit.data.collate import pad_batch
 from peftkit.data.template import Template
-from peftkit.data.tokenize import IGNORE
 from peftkit.eval.classify import classify, option_logprobs, option_tokens
 from peftkit.methods.llama_adapter import LlamaAdapterAttention, LlamaAdapterConfig
 from tests.tiny import perturb_adapters
@@ -71,7 +69,7 @@ def test_classify_picks_the_option_the_model_was_taught(tiny_lm, tmp_path):
     """
     from peftkit.data.tokenize import encode_all
     from peftkit.train.config import TrainConfig
-    from peftkit.train.loop import Trainer
+    from peftkit.train.loop import Batching, Trainer, Wiring
 
     model, tok = tiny_lm
     template = Template.create(tok)
@@ -80,8 +78,8 @@ def test_classify_picks_the_option_the_model_was_taught(tiny_lm, tmp_path):
     before = classify(model, template, rows, ["negative", "positive"])
     # every weight trains (the loop is method-agnostic): the tiny model memorises the four labels quickly
     Trainer(model, encode_all(template, rows * 4, 64).examples, [], TrainConfig(max_steps=60, batch_size=16, lr=5e-3,
-            warmup_steps=5, save_every=0, eval_every=0, schedule="cosine"), tok.pad_token_id, tmp_path,
-            show_progress=False).fit()
+            warmup_steps=5, save_every=0, eval_every=0, schedule="cosine"), Batching(tok.pad_token_id),
+            Wiring(tmp_path, show_progress=False)).fit()
     after = classify(model, template, rows, ["negative", "positive"])
     assert after.accuracy == 1.0 and after.predictions == [r["output"] for r in rows]
     assert before.accuracy < 1.0 and before.n == after.n == 4  # it was taught, not lucky at init

@@ -65,7 +65,7 @@ def test_an_adapter_that_changes_nothing_forgets_nothing(tiny_lm, chat_file):
 
 
 def test_a_damaging_adapter_shows_positive_forgetting(tiny_lm):
-    from peftkit.train.loop import lm_loss_sum
+    from peftkit.train.loss import lm_loss_sum
 
     model, tok = tiny_lm
     lora(model)

@@ -117,8 +117,8 @@ def test_a_single_file_holds_out_a_seeded_test_split(tiny_lm, tmp_path, monkeypa
 
 
 def test_compare_scores_the_held_out_rows(monkeypatch, tmp_path):
-    from peftkit.eval.compare import CompareConfig, _test_args
-    from peftkit.train.config import DataConfig
+    from peftkit.runs.compare import CompareConfig, _test_args
+    from peftkit.runs.config import DataConfig
 
     cfg = CompareConfig(data=DataConfig(train=str(tmp_path / "d.jsonl"), test=None))
     assert _test_args(cfg)["test"] is None  # evaluate holds out of data.train

@@ -12,7 +12,8 @@ from hypothesis import strategies as st
 
 from peftkit.cli.main import main
 from peftkit.errors import ConfigError
-from peftkit.train.config import DataConfig, RunConfig, TrainConfig, dump_config, load_config
+from peftkit.runs.config import DataConfig, RunConfig, dump_config, load_config
+from peftkit.train.config import TrainConfig
 from tests.fuzz.common import FUZZ, fresh_dir, assert_cli_error, run_cli, succeeds_or_clean_error
 
 SECTIONS = {"data": list(DataConfig.__dataclass_fields__), "train": list(TrainConfig.__dataclass_fields__),

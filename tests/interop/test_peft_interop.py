@@ -13,7 +13,6 @@ Adapters start random (``init="random"`` / ``init_lora_weights=False``) so the l
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,7 +21,6 @@ import peft
 import pytest
 import torch
 import torch.nn as nn
-from transformers import AutoModelForCausalLM
 
 import peftkit
 from peftkit.methods.lora import LoraLayer
@@ -74,12 +72,6 @@ CASES = [
     Case("gpt2-bias-all", "gpt2", {"target_modules": ["c_attn", "c_fc"], "bias": "all"}),
     Case("gpt2-bias-lora_only", "gpt2", {"target_modules": ["c_attn"], "bias": "lora_only"}),
 ]
-
-
-@pytest.fixture
-def load_base(hf_base_dir: Callable[[str], Path]) -> Callable[[str], nn.Module]:
-    """``load_base(kind)``: a fresh copy of the saved base, loaded the way users load models."""
-    return lambda kind: AutoModelForCausalLM.from_pretrained(hf_base_dir(kind)).eval()
 
 
 def lora_module_names(model: nn.Module) -> set[str]:

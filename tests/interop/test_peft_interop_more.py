@@ -21,7 +21,6 @@ import peft
 import pytest
 import torch
 import torch.nn as nn
-from transformers import AutoModelForCausalLM
 
 import peftkit
 from peftkit.core.config import MethodConfig
@@ -86,11 +85,6 @@ CASES = [
     Case("llama-adapter-gpt2", "gpt2", lambda: LlamaAdapterConfig(adapter_len=4, adapter_layers=2),
          lambda: peft.AdaptionPromptConfig(adapter_len=4, adapter_layers=2, task_type="CAUSAL_LM"), mergeable=False),
 ]
-
-
-@pytest.fixture
-def load_base(hf_base_dir: Callable[[str], Path]) -> Callable[[str], nn.Module]:
-    return lambda kind: AutoModelForCausalLM.from_pretrained(hf_base_dir(kind)).eval()
 
 
 def adapter_modules(model: nn.Module) -> set[str]:

@@ -19,9 +19,9 @@ IDS = make_tiny("gpt2").inputs["input_ids"]
 
 
 def base(folder):
-    model = AutoModelForCausalLM.from_pretrained(folder)
+    model = AutoModelForCausalLM.from_pretrained(folder).eval()
     assert model.lm_head.weight is model.transformer.wte.weight  # tied
-    return model.eval()
+    return model
 
 
 def logits(model):

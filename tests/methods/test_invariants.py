@@ -28,13 +28,13 @@ from peftkit.methods.llama_adapter import LlamaAdapterConfig
 from peftkit.methods.p_tuning import PTuningConfig
 from peftkit.methods.prefix_tuning import PrefixTuningConfig
 from peftkit.methods.prompt_tuning import PromptTuningConfig
-from peftkit.methods.qlora import QLoraConfig
+from peftkit.methods.qlora import QLoraConfig, load_qlora_adapter
 from peftkit.errors import PeftkitError
 from peftkit.methods.bitfit import BitFitConfig
 from peftkit.methods.full import FullConfig
 from peftkit.methods.linear_probe import LinearProbeConfig
 from peftkit.methods.selective import SelectiveConfig
-from tests.tiny import KINDS, Tiny, adapter_layer_names, perturb_adapters, weights
+from tests.tiny import KINDS, Tiny, adapter_layer_names, make_tiny, perturb_adapters, weights
 
 
 @dataclass(frozen=True)
@@ -45,8 +45,13 @@ class MethodSpec:
         config: model kind ("llama", "gpt2", "bert", "t5", "mlp") -> a config that fits that tiny model.
         identity_at_init: the method promises output == base output right after ``inject``.
         mergeable: the method folds into the base weights (``merge`` / ``unmerge`` / ``unload(merge=True)``).
-        kinds: the tiny model kinds the method applies to (tests on the others are skipped).
+        kinds: the tiny model kinds the method applies to (cases are generated for these only).
         in_place: the method trains base parameters in place (no adapter layers; nothing to switch off).
+        load: how a saved adapter goes back onto a fresh base (QLoRA: quantizing the base again).
+        quantizes_base: ``inject`` quantizes the base (QLoRA): "the base output" is then the quantized base's,
+            read with the adapters switched off, and unmerging cannot give back the fp32 weights.
+        merge_atol: merged vs unmerged outputs (fp32 rounding of the summed weights; for a quantized base the
+            dequantized weight plus the delta against dequantize-in-forward plus LoRA).
     """
 
     config: Callable[[str], MethodConfig]
@@ -54,7 +59,12 @@ class MethodSpec:
     mergeable: bool
     kinds: tuple[str, ...] = KINDS
     in_place: bool = False
+    quantizes_base: bool = False
+    merge_atol: float = 1e-5  # fp32
+    load: Callable[[nn.Module, Path], nn.Module] = peftkit.load_adapter
 
+
+QLORA_KINDS = tuple(k for k in KINDS if k != "gpt2")  # GPT-2's Conv1D layers have no 4-bit form
 
 SPECS: dict[str, MethodSpec] = {
     "lora": MethodSpec(
@@ -117,14 +127,19 @@ SPECS: dict[str, MethodSpec] = {
         identity_at_init=True, mergeable=False, in_place=True, kinds=("llama", "gpt2", "t5", "mlp"),
     ),
     "full": MethodSpec(config=lambda kind: FullConfig(), identity_at_init=True, mergeable=False, in_place=True),
-    # QLoRA's base is quantized (NF4: ~9% relative error per weight): every test here that compares to the
-    # fp32 base output (or restores fp32 base weights) fails by design, so it runs on no kind here;
-    # tests/methods/test_qlora.py checks the same invariants against the quantized base instead.
-    "qlora": MethodSpec(config=lambda kind: QLoraConfig(r=4, alpha=8), identity_at_init=False, mergeable=True, kinds=()),
+    # QLoRA's base is quantized (NF4: ~9% relative error per weight): its invariants hold against the quantized
+    # base (adapters off); GPT-2's Conv1D layers are not quantized (QLoRA refuses them, tests/methods/test_qlora.py)
+    "qlora": MethodSpec(config=lambda kind: QLoraConfig(r=4, alpha=8), identity_at_init=True, mergeable=True,
+                        kinds=QLORA_KINDS, quantizes_base=True, load=load_qlora_adapter),
 }
 
 METHODS = sorted(peftkit.list_methods())
-ATOL = 1e-5  # fp32
+
+
+def cases(applies: Callable[[MethodSpec], bool] = lambda spec: True) -> list:
+    """(method, kind) for every registered method with a spec, on the kinds it applies to, where ``applies``."""
+    return [pytest.param(m, k, id=f"{m}-{k}") for m in METHODS if m in SPECS and applies(SPECS[m])
+            for k in SPECS[m].kinds]
 
 
 def spec_for(method: str) -> MethodSpec:
@@ -135,12 +150,13 @@ def spec_for(method: str) -> MethodSpec:
 
 
 def adapted(method: str, tiny: Tiny, perturb: bool = True) -> tuple[nn.Module, torch.Tensor]:
-    """(a fresh tiny model with the method attached, the base model's output)."""
-    if tiny.kind not in spec_for(method).kinds:
-        pytest.skip(f"{method} does not apply to {tiny.kind} models")
+    """(a fresh tiny model with the method attached, the base model's output: the quantized base's for QLoRA)."""
     model = tiny.build()
     base_out = tiny.run(model)
     peftkit.inject(model, spec_for(method).config(tiny.kind))
+    if spec_for(method).quantizes_base:
+        with peftkit.disable_adapters(model):
+            base_out = tiny.run(model)
     if perturb:
         perturb_adapters(model)
         assert (tiny.run(model) - base_out).abs().max() > 1e-3, "random adapter weights should change the output"
@@ -154,17 +170,17 @@ def test_every_registered_method_has_a_spec() -> None:
         assert type(spec.config("mlp")) is peftkit.get_method(name).config_cls
 
 
-@pytest.mark.parametrize("method", METHODS)
-def test_output_equals_base_at_init(method: str, tiny_any: Tiny) -> None:
-    if not spec_for(method).identity_at_init:
-        pytest.skip(f"{method} does not promise the base output at init")
+@pytest.mark.parametrize(("method", "kind"), cases(lambda spec: spec.identity_at_init))
+def test_output_equals_base_at_init(method: str, kind: str) -> None:
+    tiny_any = make_tiny(kind)
     model, base_out = adapted(method, tiny_any, perturb=False)
     assert adapter_layer_names(model) or spec_for(method).in_place
     torch.testing.assert_close(tiny_any.run(model), base_out, rtol=0, atol=1e-6)
 
 
-@pytest.mark.parametrize("method", METHODS)
-def test_merged_equals_unmerged(method: str, tiny_any: Tiny) -> None:
+@pytest.mark.parametrize(("method", "kind"), cases())
+def test_merged_equals_unmerged(method: str, kind: str) -> None:
+    tiny_any = make_tiny(kind)
     model, _ = adapted(method, tiny_any)
     if spec_for(method).in_place:  # already in the weights: merging changes nothing
         before = tiny_any.run(model)
@@ -178,13 +194,12 @@ def test_merged_equals_unmerged(method: str, tiny_any: Tiny) -> None:
     unmerged = tiny_any.run(model)
     peftkit.merge(model)
     assert all(layer.merged for layer in model.modules() if isinstance(layer, AdapterLayer))
-    torch.testing.assert_close(tiny_any.run(model), unmerged, rtol=0, atol=ATOL)
+    torch.testing.assert_close(tiny_any.run(model), unmerged, rtol=0, atol=spec_for(method).merge_atol)
 
 
-@pytest.mark.parametrize("method", METHODS)
-def test_unmerge_restores_base_weights(method: str, tiny_any: Tiny) -> None:
-    if not spec_for(method).mergeable:
-        pytest.skip(f"{method} does not merge")
+@pytest.mark.parametrize(("method", "kind"), cases(lambda spec: spec.mergeable and not spec.quantizes_base))
+def test_unmerge_restores_base_weights(method: str, kind: str) -> None:
+    tiny_any = make_tiny(kind)
     base = weights(tiny_any.build())
     model, base_out = adapted(method, tiny_any)
     unmerged = tiny_any.run(model)
@@ -193,15 +208,16 @@ def test_unmerge_restores_base_weights(method: str, tiny_any: Tiny) -> None:
     restored = {k.replace(".base_layer.", "."): v for k, v in weights(model).items()}
     for key, w in base.items():
         torch.testing.assert_close(restored[key], w, rtol=0, atol=1e-6, msg=key)
-    torch.testing.assert_close(tiny_any.run(model), unmerged, rtol=0, atol=ATOL)
+    torch.testing.assert_close(tiny_any.run(model), unmerged, rtol=0, atol=spec_for(method).merge_atol)
     # and unload(merge=True) leaves a plain model computing the adapted output
     peftkit.unload(model, merge=True)
     assert adapter_layer_names(model) == [] and sorted(model.state_dict()) == sorted(base)
-    torch.testing.assert_close(tiny_any.run(model), unmerged, rtol=0, atol=ATOL)
+    torch.testing.assert_close(tiny_any.run(model), unmerged, rtol=0, atol=spec_for(method).merge_atol)
 
 
-@pytest.mark.parametrize("method", METHODS)
-def test_only_adapter_parameters_train_and_get_gradients(method: str, tiny_any: Tiny) -> None:
+@pytest.mark.parametrize(("method", "kind"), cases())
+def test_only_adapter_parameters_train_and_get_gradients(method: str, kind: str) -> None:
+    tiny_any = make_tiny(kind)
     model, _ = adapted(method, tiny_any)
     adapter = dict(adapter_parameters(model))
     assert adapter
@@ -220,20 +236,22 @@ def test_only_adapter_parameters_train_and_get_gradients(method: str, tiny_any: 
     assert not base_with_grad
 
 
-@pytest.mark.parametrize("method", METHODS)
-def test_save_load_round_trip(method: str, tiny_any: Tiny, tmp_path: Path) -> None:
+@pytest.mark.parametrize(("method", "kind"), cases())
+def test_save_load_round_trip(method: str, kind: str, tmp_path: Path) -> None:
+    tiny_any = make_tiny(kind)
     model, _ = adapted(method, tiny_any)
     out = tiny_any.run(model)
     peftkit.save_adapter(model, tmp_path / "adapter")
-    loaded = peftkit.load_adapter(tiny_any.build(), tmp_path / "adapter")
+    loaded = spec_for(method).load(tiny_any.build(), tmp_path / "adapter")
     assert adapter_layer_names(loaded) == adapter_layer_names(model)
     saved, back = peftkit.adapter_state_dict(model), peftkit.adapter_state_dict(loaded)
     assert sorted(saved) == sorted(back) and all(torch.equal(saved[k], back[k]) for k in saved)
     torch.testing.assert_close(tiny_any.run(loaded), out, rtol=0, atol=1e-6)
 
 
-@pytest.mark.parametrize("method", METHODS)
-def test_adapter_off_equals_base(method: str, tiny_any: Tiny) -> None:
+@pytest.mark.parametrize(("method", "kind"), cases())
+def test_adapter_off_equals_base(method: str, kind: str) -> None:
+    tiny_any = make_tiny(kind)
     model, base_out = adapted(method, tiny_any)
     adapted_out = tiny_any.run(model)
     if spec_for(method).in_place:
@@ -247,5 +265,5 @@ def test_adapter_off_equals_base(method: str, tiny_any: Tiny) -> None:
     if spec_for(method).mergeable:
         peftkit.merge(model)
         with peftkit.disable_adapters(model):
-            torch.testing.assert_close(tiny_any.run(model), base_out, rtol=0, atol=ATOL)
-        torch.testing.assert_close(tiny_any.run(model), adapted_out, rtol=0, atol=ATOL)
+            torch.testing.assert_close(tiny_any.run(model), base_out, rtol=0, atol=spec_for(method).merge_atol)
+        torch.testing.assert_close(tiny_any.run(model), adapted_out, rtol=0, atol=spec_for(method).merge_atol)

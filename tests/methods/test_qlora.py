@@ -16,8 +16,14 @@ import torch.nn.functional as F
 import peftkit
 from peftkit.core.adapter import adapter_parameters
 from peftkit.errors import ConfigError
-from peftkit.methods.qlora import (BLOCK, QLoraConfig, dequantize_weight, is_quantized, load_qlora_adapter,
-                                   quantize_linear, quantized_bytes)
+from peftkit.methods.qlora import QLoraConfig, load_qlora_adapter
+from peftkit.methods.quantize import (
+    BLOCK,
+    dequantize_weight,
+    is_quantized,
+    quantize_linear,
+    quantized_bytes,
+)
 from tests.tiny import Tiny, perturb_adapters
 
 # NF4 code values (Dettmers et al. 2023, appendix E): the widest gap is between -1 and -0.6962
@@ -207,8 +213,8 @@ def test_bad_settings_name_the_field(tiny_gpt2):
 def test_memory_prediction_counts_quantized_bytes(hf_base_dir):
     from transformers import AutoModelForCausalLM
 
-    from peftkit.train.config import load_config
-    from peftkit.train.memory import MB, predict_memory
+    from peftkit.runs.config import load_config
+    from peftkit.runs.memory import MB, predict_memory
 
     cfg = load_config(None, [f"model={hf_base_dir('llama')}", "method.name=qlora"])
     pred = predict_memory(cfg)  # meta device: weights declared with their quantized size
@@ -230,7 +236,7 @@ def test_bf16_base_and_quantized_head_store_less_and_still_train(tiny_llama):
     """Everything still computes in fp32 (the bf16 embedding's rows are cast up exactly; the NF4 head is dequantized
     to fp32): the output equals the fp32 model given the bf16-rounded embedding and the head's stored NF4 weight,
     to the rounding of the head's 32-long dot products. No bf16 kernel runs, so no CPU-dependent tolerance."""
-    from peftkit.train.memory import _parameter_bytes
+    from peftkit.runs.memory import _parameter_bytes
 
     plain = _qlora(tiny_llama, perturb=False)
     model = tiny_llama.build()
@@ -289,8 +295,8 @@ def test_quantized_head_of_a_tied_model_leaves_the_embedding(tiny_llama):
 def test_meta_prediction_counts_the_options(hf_base_dir):
     from transformers import AutoModelForCausalLM
 
-    from peftkit.train.config import load_config
-    from peftkit.train.memory import MB, predict_memory
+    from peftkit.runs.config import load_config
+    from peftkit.runs.memory import MB, predict_memory
 
     cfg = load_config(None, [f"model={hf_base_dir('llama')}", "method.name=qlora", "method.base_dtype=bf16",
                              "method.quantize_head=true"])
@@ -337,7 +343,7 @@ def test_quantizing_a_memory_mapped_checkpoint_releases_pages_not_values(tiny_ll
     model's output are those of the same model quantized from memory."""
     from transformers import AutoModelForCausalLM
 
-    from peftkit.methods.qlora import _file_backed
+    from peftkit.allocator import file_backed as _file_backed
 
     mapped = AutoModelForCausalLM.from_pretrained(hf_base_dir("llama"))
     if not _file_backed(mapped.model.layers[0].mlp.up_proj.weight):
@@ -362,13 +368,13 @@ def test_bad_storage_settings_name_the_field():
 def test_low_precision_head_matches_an_fp32_linear_in_blocks(monkeypatch):
     """The bf16 head is cast up a block of rows at a time; values and gradients equal F.linear on the
     upcast weight."""
-    import peftkit.methods.qlora as qlora
+    from peftkit.methods import quantize
 
-    monkeypatch.setattr(qlora, "UPCAST_ROWS", 7)  # blocks that do not divide the 30 rows
+    monkeypatch.setattr(quantize, "UPCAST_ROWS", 7)  # blocks that do not divide the 30 rows
     lin = _linear(out_f=30, in_f=16)
     lin.weight.data = lin.weight.data.to(torch.bfloat16)
     lin.requires_grad_(False)  # QLoRA's base is frozen
-    head = qlora.LowPrecisionLinear(lin)
+    head = quantize.LowPrecisionLinear(lin)
     x = torch.randn(2, 5, 16, requires_grad=True)
     y = head(x)
     x_ref = x.detach().clone().requires_grad_(True)
@@ -427,8 +433,9 @@ def test_blockwise_4bit_layer_equals_bitsandbytes_path(monkeypatch, out_f, in_f,
     import bitsandbytes as bnb
 
     import peftkit.methods._nf4 as nf4
+    from peftkit.methods import _row_blocks
 
-    monkeypatch.setattr(nf4, "BLOCK_BYTES", block_bytes)  # several blocks, a last partial one
+    monkeypatch.setattr(_row_blocks, "BLOCK_BYTES", block_bytes)  # several blocks, a last partial one
     q = quantize_linear(_linear(out_f=out_f, in_f=in_f), bits=4)
     assert isinstance(q, nf4.BlockwiseLinear4bit) and isinstance(q, bnb.nn.Linear4bit)
     blocks, buffers = [], set()
@@ -472,8 +479,9 @@ def test_pure_torch_dequantization_equals_the_kernel(monkeypatch, double_quant, 
     exactly the stored weight (_nf4_reference) everywhere, in blocks of rows (several, a partial last one) and
     whole (dequantize_weight: merging, export)."""
     import peftkit.methods._nf4 as nf4
+    from peftkit.methods import _row_blocks
 
-    monkeypatch.setattr(nf4, "BLOCK_BYTES", 4 * in_f * 8)
+    monkeypatch.setattr(_row_blocks, "BLOCK_BYTES", 4 * in_f * 8)
     q = quantize_linear(_linear(out_f=out_f, in_f=in_f, seed=1), bits=4, quant_type=quant_type,
                         double_quant=double_quant)
 
@@ -545,8 +553,8 @@ def test_an_avx512_cpu_runs_the_kernel_only_where_it_is_right(monkeypatch, in_f,
 def test_memory_prediction_counts_one_dequantized_block_for_4bit(tiny_llama):
     """The predictor's transient for a 4-bit base is one dequantized block + the layer's scales (methods/_nf4.py),
     not the whole fp32 weight; an 8-bit base still dequantizes whole weights."""
-    from peftkit.methods._nf4 import BLOCK_BYTES
-    from peftkit.train.memory import _dequantized_copies, _quantized_sizes
+    from peftkit.methods._row_blocks import BLOCK_BYTES
+    from peftkit.runs.memory import _dequantized_copies, _quantized_sizes
 
     big = 32000 * 2048  # a 1B model's head: 262 MB in fp32
     assert _dequantized_copies([(big, 4)]) == (BLOCK_BYTES + 4 * big // BLOCK, 0)  # above glibc's mmap threshold
@@ -564,11 +572,11 @@ def test_quantizing_by_rows_equals_bitsandbytes_quantization(monkeypatch, double
     """Quantizing a block of rows at a time (no whole-weight temporaries) gives bitsandbytes' bytes and state."""
     import bitsandbytes.functional as bf
 
-    import peftkit.methods._nf4 as nf4
+    from peftkit.methods import _row_blocks, quantize
 
-    monkeypatch.setattr(nf4, "BLOCK_BYTES", 4 * in_f * 16)  # several row blocks and a partial last one
+    monkeypatch.setattr(_row_blocks, "BLOCK_BYTES", 4 * in_f * 16)  # several row blocks and a partial last one
     w = _linear(out_f=out_f, in_f=in_f).weight.detach()
-    packed, state = nf4.quantize_4bit_by_rows(w, "nf4", double_quant, BLOCK)
+    packed, state = quantize.quantize_4bit_by_rows(w, "nf4", double_quant, BLOCK)
     ref_packed, ref = bf.quantize_4bit(w, blocksize=BLOCK, compress_statistics=double_quant, quant_type="nf4")
     assert torch.equal(packed, ref_packed) and torch.equal(state.absmax, ref.absmax)
     assert state.shape == ref.shape and state.blocksize == ref.blocksize and state.nested == ref.nested

@@ -100,7 +100,8 @@ def test_full_fine_tuning_learns(tiny_lm, tmp_path):
     from peftkit.data.template import Template
     from peftkit.data.tokenize import encode_all
     from peftkit.train.config import TrainConfig
-    from peftkit.train.loop import Trainer, evaluate_loss
+    from peftkit.train.loop import Batching, Trainer, Wiring
+    from peftkit.train.loss import evaluate_loss
 
     model, tok = tiny_lm
     peftkit.inject(model, FullConfig())
@@ -108,7 +109,7 @@ def test_full_fine_tuning_learns(tiny_lm, tmp_path):
     data = encode_all(Template.create(tok), rows, 64).examples
     before = evaluate_loss(model, data, 8, tok.pad_token_id)
     Trainer(model, data, [], TrainConfig(max_steps=10, batch_size=8, lr=1e-2, warmup_steps=0, save_every=0,
-                                         eval_every=0), tok.pad_token_id, tmp_path, show_progress=False).fit()
+                                         eval_every=0), Batching(tok.pad_token_id), Wiring(tmp_path, show_progress=False)).fit()
     assert evaluate_loss(model, data, 8, tok.pad_token_id) < before - 5
 
 

@@ -26,7 +26,8 @@ from peftkit.methods.p_tuning import PromptEncoder, PTuningConfig
 from peftkit.methods.prefix_tuning import PrefixEncoder, PrefixTuningConfig
 from peftkit.methods.prompt_tuning import PromptTuningConfig
 from peftkit.train.config import TrainConfig
-from peftkit.train.loop import Trainer, enable_gradient_checkpointing, evaluate_loss, lm_loss_sum
+from peftkit.train.loop import Batching, Trainer, Wiring, enable_gradient_checkpointing
+from peftkit.train.loss import evaluate_loss, lm_loss_sum
 from tests.lm import tiny_lm, tiny_lm_dir, tokenizer  # noqa: F401  (fixtures)
 from tests.tiny import make_tiny, perturb_adapters
 
@@ -321,7 +322,7 @@ def test_trainer_reduces_loss(config, lr: float, tiny_lm, tmp_path: Path) -> Non
     data = encode_all(Template.create(tok), TRAIN_ROWS, 64).examples
     before = evaluate_loss(model, data, 16, tok.pad_token_id)
     cfg = TrainConfig(max_steps=8, batch_size=4, lr=lr, warmup_steps=0, eval_every=0, save_every=0, log_every=4)
-    Trainer(model, data, [], cfg, tok.pad_token_id, tmp_path, show_progress=False).fit()
+    Trainer(model, data, [], cfg, Batching(tok.pad_token_id), Wiring(tmp_path, show_progress=False)).fit()
     after = evaluate_loss(model, data, 16, tok.pad_token_id)
     assert after < before - 0.8, (before, after)  # ~13 -> ~11.3 nats: only the soft prompt moved
 

@@ -27,7 +27,7 @@ FP32_U = 2.0 ** -24
 
 
 def make_sgd(model: nn.Module, cfg) -> torch.optim.Optimizer:
-    """peftkit.train.loop.make_optimizer's parameter groups and learning rate, with SGD + momentum."""
+    """peftkit.train.optim.make_optimizer's parameter groups and learning rate, with SGD + momentum."""
     from peftkit.core.config import MethodConfig
 
     params = [p for p in model.parameters() if p.requires_grad]

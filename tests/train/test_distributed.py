@@ -21,10 +21,9 @@ import torch
 from safetensors.torch import load_file
 
 from peftkit.errors import ConfigError
-from peftkit.train.config import load_config
-from peftkit.train.distributed import Dist, setup, shard
-from peftkit.train.loop import local_slice
-from peftkit.train.run import train_run
+from peftkit.runs.config import load_config
+from peftkit.runs.run import train_run
+from peftkit.train.distributed import Dist, local_slice, setup, shard
 from tests.train import smooth_optim
 
 WORDS = "grass sky snow coal blood sun night milk leaf rose sea ash gold cloud fire ink lime plum rust sand".split()
@@ -210,7 +209,7 @@ def test_fsdp_checkpoint_resume(tiny_lm_dir, tmp_path, fsdp_one_rank, monkeypatc
     from peftkit.data.tokenize import encode_all
     from peftkit.train.config import TrainConfig
     from peftkit.train.distributed import full_trainable_params
-    from peftkit.train.loop import Trainer
+    from peftkit.train.loop import Batching, Trainer, Wiring
 
     monkeypatch.setenv("PEFTKIT_TENSORBOARD", "0")
     tok = AutoTokenizer.from_pretrained(tiny_lm_dir)
@@ -221,8 +220,8 @@ def test_fsdp_checkpoint_resume(tiny_lm_dir, tmp_path, fsdp_one_rank, monkeypatc
         torch.manual_seed(0)
         peftkit.inject(model, peftkit.LoraConfig(r=4, target_modules="all-linear", dropout=0.1))
         cfg = TrainConfig(max_steps=6, batch_size=4, lr=3e-2, warmup_steps=0, save_every=3, eval_every=0)
-        trainer = Trainer(model, data, [], cfg, tok.pad_token_id, out, lambda p: peftkit.save_adapter(model, p),
-                          show_progress=False, dist=dist)
+        trainer = Trainer(model, data, [], cfg, Batching(tok.pad_token_id),
+                          Wiring(out, lambda p: peftkit.save_adapter(model, p), show_progress=False, dist=dist))
         trainer.fit(resume)
         with full_trainable_params(model):
             return peftkit.adapter_state_dict(model)

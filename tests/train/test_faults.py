@@ -10,7 +10,6 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
@@ -20,10 +19,11 @@ import peftkit
 from peftkit.cli.main import main
 from peftkit.data.template import Template
 from peftkit.data.tokenize import encode_all
-from peftkit.train import loop
+from peftkit.errors import TrainingError
+from peftkit.train import loss as loss_mod
 from peftkit.train.checkpoint import CheckpointError, list_checkpoints
 from peftkit.train.config import TrainConfig
-from peftkit.train.loop import Trainer, TrainingError, TrainingInterrupted
+from peftkit.train.loop import Batching, Trainer, TrainingInterrupted, Wiring
 
 ROWS = [{"instruction": f"Say the color of {w}", "input": "", "output": c}
         for w, c in [("grass", "green"), ("sky", "blue"), ("snow", "white"), ("coal", "black")]] * 8
@@ -44,8 +44,8 @@ def make_trainer(tiny_lm_dir, out, **cfg):
     data = encode_all(Template.create(tok), ROWS, 64).examples
     settings = dict(max_steps=8, batch_size=4, lr=3e-2, warmup_steps=0, save_every=0, eval_every=0, log_every=1)
     settings.update(cfg)
-    return Trainer(model, data, data[:8], TrainConfig(**settings), tok.pad_token_id, out,
-                   export=lambda p: peftkit.save_adapter(model, p), show_progress=False)
+    return Trainer(model, data, data[:8], TrainConfig(**settings), Batching(tok.pad_token_id),
+                   Wiring(out, export=lambda p: peftkit.save_adapter(model, p), show_progress=False))
 
 
 def adapter(trainer):
@@ -54,14 +54,14 @@ def adapter(trainer):
 
 def poison(monkeypatch, calls_to_poison, value=float("nan")):
     """Make the loss of the given forward calls (1-based) NaN/inf."""
-    real, calls = loop.lm_loss_sum, {"n": 0}
+    real, calls = loss_mod.lm_loss_sum, {"n": 0}
 
     def poisoned(m, batch):
         loss, n = real(m, batch)
         calls["n"] += 1
         return (loss * value if calls["n"] in calls_to_poison else loss), n
 
-    monkeypatch.setattr(loop, "lm_loss_sum", poisoned)
+    monkeypatch.setattr(loss_mod, "lm_loss_sum", poisoned)
 
 
 # -- signals ------------------------------------------------------------------------------------
@@ -70,7 +70,7 @@ def test_sigint_finishes_step_checkpoints_and_resumes_exactly(tiny_lm_dir, tmp_p
     ref = make_trainer(tiny_lm_dir, tmp_path / "ref")
     ref.fit()
 
-    real, calls = loop.lm_loss_sum, {"n": 0}
+    real, calls = loss_mod.lm_loss_sum, {"n": 0}
 
     def interrupting(m, batch):
         calls["n"] += 1
@@ -78,7 +78,7 @@ def test_sigint_finishes_step_checkpoints_and_resumes_exactly(tiny_lm_dir, tmp_p
             os.kill(os.getpid(), signal.SIGINT)
         return real(m, batch)
 
-    monkeypatch.setattr(loop, "lm_loss_sum", interrupting)
+    monkeypatch.setattr(loss_mod, "lm_loss_sum", interrupting)
     out = tmp_path / "run"
     first = make_trainer(tiny_lm_dir, out)
     with pytest.raises(TrainingInterrupted) as info:
@@ -89,7 +89,7 @@ def test_sigint_finishes_step_checkpoints_and_resumes_exactly(tiny_lm_dir, tmp_p
     assert [p.name for p in list_checkpoints(out)] == ["step-000003"]
     assert signal.getsignal(signal.SIGINT) is before  # handlers restored
 
-    monkeypatch.setattr(loop, "lm_loss_sum", real)
+    monkeypatch.setattr(loss_mod, "lm_loss_sum", real)
     second = make_trainer(tiny_lm_dir, out)
     assert second.fit(list_checkpoints(out)[-1]).step == 8
     a, b = adapter(ref), adapter(second)
@@ -139,13 +139,13 @@ def test_nan_stops_naming_step_and_last_good_checkpoint(tiny_lm_dir, tmp_path, m
 
 def test_inf_gradient_is_caught_too(tiny_lm_dir, tmp_path, monkeypatch):
     trainer = make_trainer(tiny_lm_dir, tmp_path)
-    real = loop.lm_loss_sum
+    real = loss_mod.lm_loss_sum
 
     def huge_grad(m, batch):  # finite loss, infinite gradient
         loss, n = real(m, batch)
         return loss + 0.0 * torch.exp(torch.stack([p.sum() for p in m.parameters() if p.requires_grad]).sum() * 1e6), n
 
-    monkeypatch.setattr(loop, "lm_loss_sum", huge_grad)
+    monkeypatch.setattr(loss_mod, "lm_loss_sum", huge_grad)
     with pytest.raises(TrainingError, match=r"at step 1; no checkpoint written yet"):
         trainer.fit()
 

@@ -11,8 +11,12 @@ import peftkit
 from peftkit.data.collate import pack_batch, pad_batch
 from peftkit.data.tokenize import IGNORE
 from peftkit.train import lm_head
-from peftkit.train.lm_head import head_positions, labelled_positions, linear_cross_entropy_sum
-from peftkit.train.loop import lm_loss_sum
+from peftkit.train.lm_head import (
+    head_positions,
+    labelled_positions,
+    linear_cross_entropy_sum,
+)
+from peftkit.train.loss import lm_loss_sum
 from tests.tiny import VOCAB, build_gpt2, build_llama, perturb_adapters
 
 
@@ -270,21 +274,22 @@ def test_failed_check_on_a_probe_runs_the_plain_loss(monkeypatch) -> None:
 def test_train_fused_loss_setting_reaches_the_loss(tmp_path, monkeypatch) -> None:
     """The trainer's next-token loss follows ``train.fused_loss`` (the default: on)."""
     from peftkit.train import loop
+    from peftkit.train import loss as loss_mod
     from peftkit.train.config import TrainConfig
 
     seen: list[bool] = []
-    real = loop.lm_loss_sum
+    real = loss_mod.lm_loss_sum
 
     def spy(model, batch, **kw):
         seen.append(kw.get("fused_loss", True))
         return real(model, batch, **kw)
 
-    monkeypatch.setattr(loop, "lm_loss_sum", spy)
+    monkeypatch.setattr(loss_mod, "lm_loss_sum", spy)
     for fused in (True, False):
         cfg = TrainConfig(max_steps=1, batch_size=4, lr=1e-3, warmup_steps=0, save_every=0, eval_every=0,
                           fused_loss=fused)
-        loop.Trainer(_lora(build_llama), _examples(), _examples(1), cfg, 0, tmp_path / str(fused),
-                     show_progress=False).fit()  # one step, then the final validation loss
+        loop.Trainer(_lora(build_llama), _examples(), _examples(1), cfg, loop.Batching(0),
+                     loop.Wiring(tmp_path / str(fused), show_progress=False)).fit()  # one step, then the final validation loss
         assert seen and set(seen) == {fused}
         seen.clear()
     assert TrainConfig().fused_loss is True

@@ -7,8 +7,10 @@ import peftkit
 from peftkit.data.collate import pack_batch, pad_batch
 from peftkit.data.template import Template
 from peftkit.data.tokenize import encode_all
+from peftkit.errors import TrainingError
 from peftkit.train.config import TrainConfig
-from peftkit.train.loop import Trainer, TrainingError, evaluate_loss, lm_loss_sum
+from peftkit.train.loop import Batching, Trainer, Wiring
+from peftkit.train.loss import evaluate_loss, lm_loss_sum
 from tests.grads import assert_same_sums, record_step_grads
 
 ROWS = [{"instruction": f"Say the color of {w}", "input": "", "output": c}
@@ -31,7 +33,7 @@ def test_training_reduces_validation_loss(tiny_lm, tmp_path):
     pad = tok.pad_token_id
     before = evaluate_loss(model, data, 8, pad)
     cfg = TrainConfig(max_steps=20, batch_size=8, lr=3e-2, warmup_steps=0, eval_every=10, save_every=0, log_every=5)
-    state = Trainer(model, data, data[:8], cfg, pad, tmp_path, show_progress=False).fit()
+    state = Trainer(model, data, data[:8], cfg, Batching(pad), Wiring(tmp_path, show_progress=False)).fit()
     after = evaluate_loss(model, data, 8, pad)
     assert state.step == 20
     assert after < before - 3, (before, after)
@@ -46,7 +48,7 @@ def test_only_trainable_parameters_change(tiny_lm, tmp_path):
     lora(model)
     frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
     cfg = TrainConfig(max_steps=3, batch_size=4, lr=1e-2, save_every=0, eval_every=0)
-    Trainer(model, encoded(tok), [], cfg, tok.pad_token_id, tmp_path, show_progress=False).fit()
+    Trainer(model, encoded(tok), [], cfg, Batching(tok.pad_token_id), Wiring(tmp_path, show_progress=False)).fit()
     for n, p in model.named_parameters():
         if n in frozen:
             assert torch.equal(p, frozen[n]), n
@@ -66,7 +68,8 @@ def test_gradient_accumulation_matches_bigger_batch(tiny_lm_dir, tmp_path):
         model = lora(AutoModelForCausalLM.from_pretrained(tiny_lm_dir), init="random")
         cfg = TrainConfig(max_steps=2, batch_size=bs, grad_accum=accum, lr=1e-2, warmup_steps=0, save_every=0,
                           eval_every=0, schedule="constant")
-        trainer = Trainer(model, data, [], cfg, tok.pad_token_id, tmp_path / f"{bs}", group_by_length=False, show_progress=False)
+        trainer = Trainer(model, data, [], cfg, Batching(tok.pad_token_id, group_by_length=False),
+                          Wiring(tmp_path / f"{bs}", show_progress=False))
         steps = record_step_grads(trainer, hold_weights=True)
         trainer.fit()
         assert len(steps) == 2 and len(steps[0]) == 28  # 2 layers x 7 linears x (A, B)
@@ -121,7 +124,7 @@ def test_accumulated_step_draws_the_larger_batchs_examples(tiny_lm_dir, tmp_path
         model = lora(AutoModelForCausalLM.from_pretrained(tiny_lm_dir))
         cfg = TrainConfig(max_steps=10, batch_size=bs, grad_accum=accum, lr=1e-2, warmup_steps=0, save_every=3,
                           eval_every=0, log_every=1)
-        Trainer(model, data, [], cfg, tok.pad_token_id, tmp_path / run, show_progress=False).fit()
+        Trainer(model, data, [], cfg, Batching(tok.pad_token_id), Wiring(tmp_path / run, show_progress=False)).fit()
     big = [seen["big", s] for s in range(10)]
     assert sorted(map(len, big[:4])) == sorted(map(len, big[4:8])) == [6, 8, 8, 8]  # (the short one anywhere)
     assert [seen["accum", s] for s in range(10)] == big
@@ -132,7 +135,7 @@ def test_accumulated_step_draws_the_larger_batchs_examples(tiny_lm_dir, tmp_path
 
     model = lora(AutoModelForCausalLM.from_pretrained(tiny_lm_dir))  # resume the accumulating run at step 6
     cfg = TrainConfig(max_steps=10, batch_size=4, grad_accum=2, lr=1e-2, warmup_steps=0, save_every=0, eval_every=0)
-    resumed = Trainer(model, data, [], cfg, tok.pad_token_id, tmp_path / "resumed", show_progress=False)
+    resumed = Trainer(model, data, [], cfg, Batching(tok.pad_token_id), Wiring(tmp_path / "resumed", show_progress=False))
     resumed.fit(resume_from=tmp_path / "accum" / "checkpoints" / "step-000006")
     assert [seen["resumed", s] for s in range(6, 10)] == big[6:]
 
@@ -154,7 +157,8 @@ def test_packing_trains(tiny_lm, tmp_path):
     data = encoded(tok)
     before = evaluate_loss(model, data, 8, tok.pad_token_id)
     cfg = TrainConfig(max_steps=12, batch_size=4, lr=3e-2, warmup_steps=0, save_every=0, eval_every=0)
-    Trainer(model, data, [], cfg, tok.pad_token_id, tmp_path, packing=True, max_length=64, show_progress=False).fit()
+    Trainer(model, data, [], cfg, Batching(tok.pad_token_id, packing=True, max_length=64),
+            Wiring(tmp_path, show_progress=False)).fit()
     assert evaluate_loss(model, data, 8, tok.pad_token_id) < before - 2
 
 
@@ -162,10 +166,10 @@ def test_nan_loss_stops_with_step(tiny_lm, tmp_path, monkeypatch):
     model, tok = tiny_lm
     lora(model)
     cfg = TrainConfig(max_steps=5, batch_size=4, save_every=0, eval_every=0)
-    trainer = Trainer(model, encoded(tok), [], cfg, tok.pad_token_id, tmp_path, show_progress=False)
-    import peftkit.train.loop as loop
+    trainer = Trainer(model, encoded(tok), [], cfg, Batching(tok.pad_token_id), Wiring(tmp_path, show_progress=False))
+    import peftkit.train.loss as loss_mod
 
-    real = loop.lm_loss_sum
+    real = loss_mod.lm_loss_sum
     calls = {"n": 0}
 
     def poisoned(m, batch):
@@ -173,7 +177,7 @@ def test_nan_loss_stops_with_step(tiny_lm, tmp_path, monkeypatch):
         calls["n"] += 1
         return (loss * float("nan") if calls["n"] == 3 else loss), n
 
-    monkeypatch.setattr(loop, "lm_loss_sum", poisoned)
+    monkeypatch.setattr(loss_mod, "lm_loss_sum", poisoned)
     with pytest.raises(TrainingError, match="loss became nan at step 3"):
         trainer.fit()
 
@@ -184,7 +188,7 @@ def test_bf16_autocast_trains_with_fp32_adapter(tiny_lm, tmp_path):
     data = encoded(tok)
     before = evaluate_loss(model, data, 8, tok.pad_token_id)
     cfg = TrainConfig(max_steps=8, batch_size=4, lr=5e-2, warmup_steps=0, save_every=0, eval_every=0, precision="bf16")
-    Trainer(model, data, [], cfg, tok.pad_token_id, tmp_path, show_progress=False).fit()
+    Trainer(model, data, [], cfg, Batching(tok.pad_token_id), Wiring(tmp_path, show_progress=False)).fit()
     assert all(p.dtype == torch.float32 for p in model.parameters() if p.requires_grad)
     assert evaluate_loss(model, data, 8, tok.pad_token_id) < before - 2
 

@@ -10,13 +10,14 @@ import torch
 
 import peftkit
 from peftkit.core.config import MethodConfig
+from peftkit.data.collate import pad_batch
 from peftkit.methods.bottleneck import BottleneckConfig
 from peftkit.methods.dora import DoraConfig
 from peftkit.methods.ia3 import IA3Config
 from peftkit.methods.llama_adapter import LlamaAdapterConfig
 from peftkit.train.config import TrainConfig
-from peftkit.data.collate import pad_batch
-from peftkit.train.loop import Trainer, enable_gradient_checkpointing, evaluate_loss, lm_loss_sum
+from peftkit.train.loop import Batching, Trainer, Wiring, enable_gradient_checkpointing
+from peftkit.train.loss import evaluate_loss, lm_loss_sum
 from tests.tiny import make_tiny, perturb_adapters
 from tests.train.test_loop import encoded
 
@@ -39,7 +40,7 @@ def test_training_reduces_loss(method: str, tiny_lm, tmp_path: Path) -> None:
     data = encoded(tok)
     before = evaluate_loss(model, data[:16], 8, tok.pad_token_id)
     cfg = TrainConfig(max_steps=10, batch_size=8, lr=lr, warmup_steps=0, eval_every=0, save_every=0)
-    Trainer(model, data, [], cfg, tok.pad_token_id, tmp_path, show_progress=False).fit()
+    Trainer(model, data, [], cfg, Batching(tok.pad_token_id), Wiring(tmp_path, show_progress=False)).fit()
     after = evaluate_loss(model, data[:16], 8, tok.pad_token_id)
     assert after < before - 1.0, (method, before, after)
     assert all(torch.equal(p, frozen[n]) for n, p in model.named_parameters() if n in frozen)

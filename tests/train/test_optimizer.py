@@ -7,8 +7,11 @@ import torch
 
 import peftkit
 from peftkit.errors import ConfigError
-from peftkit.train.config import TrainConfig, load_config
-from peftkit.train.loop import Trainer, evaluate_loss, make_optimizer
+from peftkit.runs.config import load_config
+from peftkit.train.config import TrainConfig
+from peftkit.train.loop import Batching, Trainer, Wiring
+from peftkit.train.loss import evaluate_loss
+from peftkit.train.optim import make_optimizer
 from tests.train.test_loop import encoded
 
 
@@ -43,7 +46,7 @@ def test_training_proceeds_after_the_fallback(tiny_lm, tmp_path):
     cfg = TrainConfig(max_steps=12, batch_size=8, lr=3e-2, warmup_steps=0, eval_every=0, save_every=0,
                       optimizer="paged_adamw_8bit")
     with pytest.warns(UserWarning, match="train.optimizer=paged_adamw_8bit"):
-        state = Trainer(model, data, [], cfg, tok.pad_token_id, tmp_path, show_progress=False).fit()
+        state = Trainer(model, data, [], cfg, Batching(tok.pad_token_id), Wiring(tmp_path, show_progress=False)).fit()
     assert state.step == 12
     assert evaluate_loss(model, data, 8, tok.pad_token_id) < before - 1
 

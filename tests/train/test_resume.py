@@ -58,8 +58,8 @@ def data(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def reference(tiny_lm_dir, data, tmp_path_factory) -> dict:
     """The adapter of an uninterrupted run (in-process: same code, same seeds, as the subprocesses)."""
-    from peftkit.train.config import load_config
-    from peftkit.train.run import train_run
+    from peftkit.runs.config import load_config
+    from peftkit.runs.run import train_run
 
     out = tmp_path_factory.mktemp("resume-ref") / "ref"
     old = os.environ.get("PEFTKIT_TENSORBOARD")
@@ -83,9 +83,9 @@ def assert_loadable(model_dir: Path, data: Path, checkpoint: Path) -> int:
     import torch
 
     import peftkit
+    from peftkit.runs.config import load_config
     from peftkit.train.checkpoint import load_checkpoint
-    from peftkit.train.config import load_config
-    from peftkit.train.loop import make_optimizer, make_scheduler
+    from peftkit.train.optim import make_optimizer, make_scheduler
 
     cfg = load_config(None, run_args(model_dir, data, checkpoint.parent.parent))
     from peftkit.models import load_model

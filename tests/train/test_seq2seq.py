@@ -14,10 +14,12 @@ import peftkit
 from peftkit.cli.main import main
 from peftkit.data.template import Template
 from peftkit.eval.generate import generate
-from peftkit.train.config import load_config
-from peftkit.train.loop import Trainer, evaluate_loss
-from peftkit.train.run import prepare, train_run
-from peftkit.train.tasks import SEQ2SEQ_OBJECTIVE, detect_task, encode_seq2seq, load_for_eval, seq2seq_collate
+from peftkit.models.load import detect_task, load_for_eval
+from peftkit.runs.config import load_config
+from peftkit.runs.run import prepare, train_run
+from peftkit.runs.tasks import encode_seq2seq
+from peftkit.train.loop import Batching, Trainer, Wiring
+from peftkit.train.loss import SEQ2SEQ_OBJECTIVE, evaluate_loss, seq2seq_collate
 from tests.tiny_text import t5_folder
 
 ROWS = [{"instruction": f"Say the color of {w}", "input": "", "output": c}
@@ -102,8 +104,8 @@ def test_trains_round_trips_and_generates(method: str, t5_dir: Path, data_file: 
     assert type(model).__name__ == "T5ForConditionalGeneration"
     data = prep.task.encode(prep.template, tok, ROWS, cfg, prep.splits).examples
     before = evaluate_loss(model, data[:8], 8, tok.pad_token_id, objective=SEQ2SEQ_OBJECTIVE)
-    Trainer(model, data, [], cfg.train, tok.pad_token_id, tmp_path, show_progress=False,
-            objective=SEQ2SEQ_OBJECTIVE).fit()
+    Trainer(model, data, [], cfg.train, Batching(tok.pad_token_id),
+            Wiring(tmp_path, objective=SEQ2SEQ_OBJECTIVE, show_progress=False)).fit()
     after = evaluate_loss(model, data[:8], 8, tok.pad_token_id, objective=SEQ2SEQ_OBJECTIVE)
     assert after < before - 0.05, (before, after)
 

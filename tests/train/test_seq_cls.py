@@ -16,12 +16,13 @@ from safetensors.torch import load_file
 import peftkit
 from peftkit.cli.main import main
 from peftkit.errors import ConfigError
+from peftkit.eval.heads import predict_classes
 from peftkit.eval.tasks import evaluate
-from peftkit.train.config import load_config
-from peftkit.train.run import prepare, train_run
-from peftkit.train.tasks import (
-    LABELS_FILE, cls_collate, cls_loss_sum, detect_task, load_for_eval, predict_classes, with_head,
-)
+from peftkit.models.load import LABELS_FILE, detect_task, load_for_eval
+from peftkit.runs.config import load_config
+from peftkit.runs.run import prepare, train_run
+from peftkit.runs.tasks import with_head
+from peftkit.train.loss import cls_collate, cls_loss_sum
 from tests.tiny_text import bert_folder
 
 POSITIVE, NEGATIVE = ["good", "great", "fine", "nice"], ["bad", "awful", "poor", "dull"]
@@ -227,8 +228,8 @@ def test_shipped_example_is_valid_and_fits_a_bert() -> None:
 
 
 def test_info_and_memory_count_the_head(bert_dir: Path) -> None:
-    from peftkit.info import count_for_config
-    from peftkit.train.memory import predict_memory
+    from peftkit.runs.info import count_for_config
+    from peftkit.runs.memory import predict_memory
 
     overrides = [f"model={bert_dir}", "task=seq_cls", "method.name=linear_probe"]
     assert "trainable params: 66 " in count_for_config(None, overrides)  # classifier: 32 x 2 + 2

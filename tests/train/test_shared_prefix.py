@@ -12,7 +12,7 @@ import peftkit
 import peftkit.train.shared_prefix as sp
 from peftkit.data.collate import pad_batch
 from peftkit.data.tokenize import IGNORE
-from peftkit.train.loop import lm_loss_sum
+from peftkit.train.loss import lm_loss_sum
 from tests.tiny import VOCAB, build_gpt2, build_llama, perturb_adapters
 
 PREFIX = 12
@@ -117,7 +117,7 @@ def test_a_model_that_disagrees_keeps_the_plain_forward(monkeypatch) -> None:
         logits, selected = real(*args, **kwargs)
         return logits + 1.0 * torch.arange(logits.shape[-1]) / logits.shape[-1], selected
 
-    monkeypatch.setattr("peftkit.train.loop.shared_prefix_logits", wrong)
+    monkeypatch.setattr("peftkit.train.loss.shared_prefix_logits", wrong)
     # fused_loss=False: the loss is taken from the (wrong) logits, not from the head's input
     plain, _ = lm_loss_sum(model, batch, share_prefix=False, fused_loss=False)
     with pytest.warns(UserWarning, match="shared-prefix forward gave loss"):

@@ -9,11 +9,15 @@ import torch
 import torch.nn as nn
 
 import peftkit
+import peftkit.train.loss as loss_mod
+import peftkit.train.optim as optim
 import peftkit.train.loop as loop
+import peftkit.train.precision as prec
 from peftkit.core.config import ConfigError
 from peftkit.data.template import Template
 from peftkit.data.tokenize import encode_all
-from peftkit.train.config import TrainConfig, load_config
+from peftkit.runs.config import load_config
+from peftkit.train.config import TrainConfig
 from tests.tiny import build_llama
 
 ROWS = [{"instruction": f"Say the color of {w}", "input": "", "output": c}
@@ -30,18 +34,18 @@ def test_precision_defaults_to_auto() -> None:
 @pytest.mark.parametrize("native, expected", [(True, "bf16"), (False, "fp32")])
 def test_auto_picks_bf16_only_on_native_hardware(monkeypatch, native: bool, expected: str) -> None:
     cpu = torch.device("cpu")
-    monkeypatch.setattr(loop, "native_bf16", lambda device: native)
-    assert loop.resolve_precision("auto", cpu) == expected
-    assert loop.resolve_precision("fp32", cpu) == "fp32" and loop.resolve_precision("bf16", cpu) == "bf16"
-    with loop.autocast(cpu, "auto"):
+    monkeypatch.setattr(prec, "native_bf16", lambda device: native)
+    assert prec.resolve_precision("auto", cpu) == expected
+    assert prec.resolve_precision("fp32", cpu) == "fp32" and prec.resolve_precision("bf16", cpu) == "bf16"
+    with prec.autocast(cpu, "auto"):
         assert torch.is_autocast_enabled("cpu") is native
 
 
 def test_this_cpu_is_detected_consistently() -> None:
     """oneDNN's check and /proc/cpuinfo agree (both say whether AVX512-BF16 or AMX is there)."""
-    loop.native_bf16.cache_clear()
+    prec.native_bf16.cache_clear()
     flags = open("/proc/cpuinfo").read().split()
-    assert loop.native_bf16(torch.device("cpu")) == ("avx512_bf16" in flags or "amx_bf16" in flags)
+    assert prec.native_bf16(torch.device("cpu")) == ("avx512_bf16" in flags or "amx_bf16" in flags)
 
 
 NO_NATIVE_BF16 = "CPU without native bf16"
@@ -50,10 +54,10 @@ NO_NATIVE_BF16 = "CPU without native bf16"
 @pytest.mark.parametrize("native", [True, False])
 def test_bf16_on_a_cpu_without_native_bf16_warns_once_per_autocast(monkeypatch, native: bool) -> None:
     """Both branches on every machine: the warning depends on the feature check, not on this CPU."""
-    monkeypatch.setattr(loop, "native_bf16", lambda device: native)
+    monkeypatch.setattr(prec, "native_bf16", lambda device: native)
     with warnings.catch_warnings(record=True) as seen:
         warnings.simplefilter("always")
-        with loop.autocast(torch.device("cpu"), "bf16"):
+        with prec.autocast(torch.device("cpu"), "bf16"):
             assert torch.is_autocast_enabled("cpu")
     assert [NO_NATIVE_BF16 in str(w.message) for w in seen] == ([] if native else [True])
 
@@ -63,7 +67,7 @@ def test_bf16_autocast_reaches_the_fp32_result(tiny_lm, tmp_path) -> None:
     model, tok = tiny_lm
     state = {k: v.clone() for k, v in model.state_dict().items()}
     data = encode_all(Template.create(tok), ROWS, 64).examples
-    native = loop.native_bf16(torch.device("cpu"))  # this CPU's own answer: AVX512-BF16/AMX or not
+    native = prec.native_bf16(torch.device("cpu"))  # this CPU's own answer: AVX512-BF16/AMX or not
     losses = {}
     for precision in ("fp32", "bf16"):
         model.load_state_dict(state)
@@ -73,12 +77,13 @@ def test_bf16_autocast_reaches_the_fp32_result(tiny_lm, tmp_path) -> None:
                           precision=precision)
         with warnings.catch_warnings(record=True) as seen:
             warnings.simplefilter("always")
-            loop.Trainer(model, data, [], cfg, tok.pad_token_id, tmp_path / precision, show_progress=False).fit()
+            loop.Trainer(model, data, [], cfg, loop.Batching(tok.pad_token_id),
+                         loop.Wiring(tmp_path / precision, show_progress=False)).fit()
         slow = [w for w in seen if NO_NATIVE_BF16 in str(w.message)]
         # emulated bf16 is worth a warning; native bf16 (AVX512-BF16, AMX) is what ``auto`` picks, so none there
         assert bool(slow) == (precision == "bf16" and not native), [str(w.message) for w in slow]
         assert all(p.dtype == torch.float32 for p in model.parameters() if p.requires_grad)
-        losses[precision] = loop.evaluate_loss(model, data, 8, tok.pad_token_id)
+        losses[precision] = loss_mod.evaluate_loss(model, data, 8, tok.pad_token_id)
         peftkit.unload(model)
     # Not an equivalence (6 Adam steps at lr 3e-2 from bf16-rounded activations, 2^-8 relative each, follow
     # another path than fp32's): a quality bound. The loss falls from ~11 by several nats in these steps
@@ -110,7 +115,7 @@ def test_fused_adamw_matches_the_loop_update() -> None:
     for fused in (True, False):
         model = build_llama()
         peftkit.inject(model, peftkit.FullConfig())
-        opt = loop.make_optimizer(model, TrainConfig(lr=lr, weight_decay=0.1))
+        opt = optim.make_optimizer(model, TrainConfig(lr=lr, weight_decay=0.1))
         assert opt.defaults["fused"] is True
         if not fused:
             groups = [{"params": g["params"], "weight_decay": g["weight_decay"]} for g in opt.param_groups]
@@ -148,9 +153,9 @@ def test_compile_blocks_compiles_the_layer_stack_with_the_same_loss() -> None:
     assert repeated_blocks(model) == list(model.model.layers)
     ids = torch.randint(3, 100, (2, 8), generator=torch.Generator().manual_seed(0)).tolist()
     batch = pad_batch([{"input_ids": ids[0], "labels": ids[0]}, {"input_ids": ids[1][:5], "labels": ids[1][:5]}], 0)
-    plain, n = loop.lm_loss_sum(model, batch)
+    plain, n = loss_mod.lm_loss_sum(model, batch)
     assert compile_blocks(model, backend="eager") == 2  # the test backend: traced by dynamo, run eagerly
-    compiled, m = loop.lm_loss_sum(model, batch)
+    compiled, m = loss_mod.lm_loss_sum(model, batch)
     assert n == m and float(compiled.detach()) == pytest.approx(float(plain.detach()), rel=1e-5)
     compiled.backward()
     assert all(p.grad is not None for p in model.parameters() if p.requires_grad)

@@ -9,19 +9,54 @@ from typing import Any
 MODEL_HELP = "base model alias or local folder (default: the base the --adapter records; without --adapter: smollm2-135m)"
 
 
+# -- options several commands share: defined once ----------------------------------------------------------------
+def _add_config(p: argparse.ArgumentParser, config_help: str = "YAML config (default: built-in defaults)",
+                overrides_help: str = "dotted overrides, as for `peftkit train`", optional: bool = True) -> None:
+    """The CONFIG.yaml positional and its ``key=value`` overrides (see :func:`_config_and_overrides`)."""
+    p.add_argument("config", nargs="?" if optional else None, help=config_help)
+    p.add_argument("overrides", nargs="*", metavar="key=value", help=overrides_help)
+
+
+def _add_model(p: argparse.ArgumentParser, text: str = MODEL_HELP) -> None:
+    p.add_argument("--model", help=text)
+
+
+def _add_adapter(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--adapter", help="adapter folder (peftkit or PEFT format)")
+
+
+def _add_template(p: argparse.ArgumentParser) -> None:
+    from peftkit.data.template import KINDS
+
+    p.add_argument("--template", default="auto", choices=KINDS,
+                   help="prompt template (auto: the tokenizer's chat template when it has one, else alpaca)")
+
+
+def _add_max_new_tokens(p: argparse.ArgumentParser, default: int, text: str) -> None:
+    p.add_argument("--max-new-tokens", type=int, default=default, help=text)
+
+
+def _add_strict_base(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--strict-base", action="store_true",
+                   help="refuse an adapter recorded as trained on other base weights (default: warn)")
+
+
+def _add_json(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--json", action="store_true", help="print JSON")
+
+
 def _train(sub: Any) -> None:
     p = sub.add_parser("train", help="fine-tune a model from a YAML config",
                        description="Fine-tune from CONFIG.yaml; any field can be overridden as key=value "
                                    "(e.g. method.r=16 train.max_steps=100). The adapter goes to OUTPUT_DIR/adapter.")
-    p.add_argument("config", nargs="?", help="YAML config (default: built-in defaults)")
-    p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, values read as YAML")
+    _add_config(p, overrides_help="dotted overrides, values read as YAML")
     p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in output_dir")
     p.set_defaults(handler=run_train)
 
 
 def run_train(args: argparse.Namespace) -> int:
-    from peftkit.train.config import load_config
-    from peftkit.train.run import train_run
+    from peftkit.runs.config import load_config
+    from peftkit.runs.run import train_run
 
     train_run(load_config(*_config_and_overrides(args)), resume=args.resume)
     return 0
@@ -37,18 +72,17 @@ def _config_and_overrides(args: argparse.Namespace) -> tuple[str | None, list[st
 
 def _generate(sub: Any) -> None:
     p = sub.add_parser("generate", help="generate a response with the training prompt template")
-    p.add_argument("--model", help=MODEL_HELP)
-    p.add_argument("--adapter", help="adapter folder (peftkit or PEFT format)")
+    _add_model(p)
+    _add_adapter(p)
     p.add_argument("--prompt", action="append", required=True, help="prompt text (repeat for a batch)")
     p.add_argument("--system", help="system message (chat templates)")
-    p.add_argument("--template", default="auto", choices=["auto", "chat", "alpaca", "none"], help="prompt template")
-    p.add_argument("--max-new-tokens", type=int, default=64, help="tokens generated at most per prompt (>= 1)")
+    _add_template(p)
+    _add_max_new_tokens(p, 64, "tokens generated at most per prompt (>= 1)")
     p.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
     p.add_argument("--temperature", type=float, default=0.7, help="--sample: softmax temperature (> 0)")
     p.add_argument("--top-p", type=float, default=0.9, help="--sample: nucleus sampling mass, in (0, 1]")
     p.add_argument("--seed", type=int, default=0, help="--sample: random seed")
-    p.add_argument("--strict-base", action="store_true",
-                   help="refuse an adapter trained on another base model (default: warn)")
+    _add_strict_base(p)
     p.set_defaults(handler=run_generate)
 
 
@@ -90,7 +124,7 @@ def _check_generation_args(args: argparse.Namespace) -> None:
 
 
 def _merge(sub: Any) -> None:
-    from peftkit.core.combine import COMBINATIONS
+    from peftkit.core.combine import COMBINATIONS, SIGN_METHODS
 
     p = sub.add_parser("merge", help="write a standalone model with the adapter merged into its weights, "
                                      "or combine several LoRA adapters into one",
@@ -98,7 +132,7 @@ def _merge(sub: Any) -> None:
                                    "--combination): one LoRA adapter combined from them (PEFT format), or with "
                                    "--into-base a standalone model with that combination merged. Combinations: "
                                    + "; ".join(f"{k}: {v}" for k, v in COMBINATIONS.items()) + ".")
-    p.add_argument("--model", help=MODEL_HELP)
+    _add_model(p)
     p.add_argument("--adapter", required=True, action="append", help="adapter folder (repeat to combine several)")
     p.add_argument("--out", required=True, help="output folder: the merged model (loads with transformers alone) "
                                                 "or the combined adapter")
@@ -110,18 +144,17 @@ def _merge(sub: Any) -> None:
                                      "negative first value: --weights=-1,1)")
     p.add_argument("--density", type=float, help="ties/dare/dare_ties: fraction of each delta kept, in (0, 1]")
     p.add_argument("--rank", type=int, help="svd/ties/dare/dare_ties: rank of the combined adapter")
-    p.add_argument("--majority-sign", default="total", choices=["total", "frequency"],
+    p.add_argument("--majority-sign", default="total", choices=SIGN_METHODS,
                    help="ties/dare_ties: elect each entry's sign by summed mass or by count")
     p.add_argument("--seed", type=int, default=0, help="dare/dare_ties: seed of the random drop")
     p.add_argument("--into-base", action="store_true",
                    help="with several adapters: write a standalone model with the combination merged")
-    p.add_argument("--strict-base", action="store_true",
-                   help="refuse an adapter recorded as trained on other base weights (default: warn)")
+    _add_strict_base(p)
     p.set_defaults(handler=run_merge)
 
 
 def run_merge(args: argparse.Namespace) -> int:
-    from peftkit.models.export import merge_to_folder
+    from peftkit.runs.export import merge_to_folder
 
     if len(args.adapter) > 1 or any(v is not None for v in (args.combination, args.weights, args.density, args.rank)):
         return _run_combine(args)
@@ -131,8 +164,8 @@ def run_merge(args: argparse.Namespace) -> int:
 
 
 def _run_combine(args: argparse.Namespace) -> int:
-    from peftkit.core.combine import combine_to_folder
     from peftkit.errors import ConfigError
+    from peftkit.runs.combine import combine_to_folder
 
     try:
         weights = [float(w) for w in args.weights.split(",")] if args.weights else None
@@ -146,35 +179,37 @@ def _run_combine(args: argparse.Namespace) -> int:
 
 
 def _eval(sub: Any) -> None:
+    from peftkit.data.builtin import SPLITS
+    from peftkit.eval import EVAL_TASKS
+
     p = sub.add_parser("eval", help="score a model (+ adapter) on a task: accuracy, ROUGE/BLEU, perplexity",
                        description="Classification by label likelihood, MMLU-style multiple choice from a file "
                                    "(question, choices, answer), free generation scored with EM/F1/ROUGE/BLEU/chrF, "
                                    "or perplexity of a .txt file. --shots K gives the in-context baseline.")
-    p.add_argument("--model", help=MODEL_HELP)
-    p.add_argument("--adapter", help="adapter folder (peftkit or PEFT format)")
+    _add_model(p)
+    _add_adapter(p)
     p.add_argument("--data", default="rotten-tomatoes", help="built-in dataset, data file, or .txt for perplexity")
-    p.add_argument("--task", default="auto", choices=["auto", "classification", "multiple_choice", "generation", "perplexity"],
+    p.add_argument("--task", default="auto", choices=EVAL_TASKS,
                    help="what to score (auto: from the data: labels -> classification, .txt -> perplexity, else generation)")
     p.add_argument("--test", metavar="FILE",
                    help="a dedicated test file, scored whole as the test split (same format as --data; --data still "
                         "gives the shots and label options); without it the test split is the 10%% of a --data file "
                         "(20+ rows with answers) that training holds out, seeded, or a built-in dataset's own")
-    p.add_argument("--split", default="test", choices=["train", "validation", "test"], help="split of the data scored")
+    p.add_argument("--split", default="test", choices=SPLITS, help="split of the data scored")
     p.add_argument("--limit", type=int, help="evaluate the first N examples of a seeded shuffle (N >= 1; default: all)")
     p.add_argument("--shots", type=int, default=0, help="k solved training examples before each query (0: zero-shot)")
-    p.add_argument("--template", default="auto", choices=["auto", "chat", "alpaca", "none"], help="prompt template")
-    p.add_argument("--max-new-tokens", type=int, default=48, help="generation tasks: tokens generated at most (>= 1)")
+    _add_template(p)
+    _add_max_new_tokens(p, 48, "generation tasks: tokens generated at most (>= 1)")
     p.add_argument("--predictions", help="write per-example predictions to this JSONL file")
     p.add_argument("--seed", type=int, default=0, help="seed of the shuffle (--limit) and of the shots drawn")
-    p.add_argument("--json", action="store_true", help="print JSON")
+    _add_json(p)
     p.add_argument("--forgetting", action="store_true",
                    help="what the fine-tune cost: perplexity of held-out general text (hamlet.txt, or --data FILE.txt) "
                         "and the --data task's score, base (adapter off) vs fine-tuned; positive forgetting = ability lost")
     p.add_argument("--forgetting-tokens", type=int, default=2048, help="--forgetting: tokens of general text scored")
     p.add_argument("--base", help="--forgetting: the base model to compare against (default: --model; needed when "
                                   "--model is a fully fine-tuned model folder)")
-    p.add_argument("--strict-base", action="store_true",
-                   help="refuse an adapter trained on another base model (default: warn)")
+    _add_strict_base(p)
     p.set_defaults(handler=run_eval)
 
 
@@ -257,16 +292,16 @@ def _compare(sub: Any) -> None:
                        description="Runs every method in CONFIG.yaml's `runs` with the same budget, scores each on "
                                    "the same test examples next to zero-/few-shot baselines, and writes report.md, "
                                    "report.json, report.html and PNG plots to output_dir. Finished runs are reused.")
-    p.add_argument("config", help="compare config (see examples/compare-rotten-tomatoes.yaml)")
-    p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides of the compare config")
+    _add_config(p, "compare config (see examples/compare-rotten-tomatoes.yaml)",
+                "dotted overrides of the compare config", optional=False)
     p.set_defaults(handler=run_compare)
 
 
 def run_compare(args: argparse.Namespace) -> int:
-    from peftkit.eval.compare import compare, load_compare_config
+    from peftkit.runs.compare import compare, load_compare_config
 
     report = compare(load_compare_config(args.config, list(args.overrides)))
-    from peftkit.eval.compare import markdown_table
+    from peftkit.runs.compare import markdown_table
 
     print(markdown_table(report))
     return 0
@@ -274,13 +309,12 @@ def run_compare(args: argparse.Namespace) -> int:
 
 def _info(sub: Any) -> None:
     p = sub.add_parser("info", help="methods, built-in models and datasets; parameter count of a config")
-    p.add_argument("config", nargs="?", help="YAML config: print its trainable-parameter count (no training)")
-    p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, as for `peftkit train`")
+    _add_config(p, "YAML config: print its trainable-parameter count (no training)")
     p.set_defaults(handler=run_info)
 
 
 def run_info(args: argparse.Namespace) -> int:
-    from peftkit.info import describe
+    from peftkit.runs.info import describe
 
     config, overrides = _config_and_overrides(args)
     print(describe(config, overrides))
@@ -296,7 +330,7 @@ def _demo(sub: Any) -> None:
 
 
 def run_demo(args: argparse.Namespace) -> int:
-    from peftkit.demo import demo
+    from peftkit.runs.demo import demo
 
     demo(args.output_dir, args.steps, args.eval_examples)
     return 0
@@ -307,9 +341,9 @@ def _inspect_prompt(sub: Any) -> None:
                        description="For each virtual token of a prompt tuning or P-tuning adapter, the vocabulary "
                                    "tokens whose input embeddings are closest by cosine similarity.")
     p.add_argument("adapter_dir", metavar="ADAPTER_DIR", help="adapter folder (peftkit or PEFT format)")
-    p.add_argument("--model", help="base model alias or folder (default: the adapter's base_model_name_or_path)")
+    _add_model(p, "base model alias or folder (default: the adapter's base_model_name_or_path)")
     p.add_argument("--top-k", type=int, default=5, help="tokens listed per virtual token")
-    p.add_argument("--json", action="store_true", help="print JSON")
+    _add_json(p)
     p.set_defaults(handler=run_inspect_prompt)
 
 
@@ -325,9 +359,8 @@ def _memory(sub: Any) -> None:
     p = sub.add_parser("memory", help="predict a training run's peak memory (no weights are loaded)",
                        description="Expected peak memory of `peftkit train CONFIG.yaml key=value ...`: weights, "
                                    "gradients, AdamW states, activations and the runtime, from the model's config.")
-    p.add_argument("config", nargs="?", help="YAML config (default: built-in defaults)")
-    p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, as for `peftkit train`")
-    p.add_argument("--json", action="store_true", help="print JSON")
+    _add_config(p)
+    _add_json(p)
     p.add_argument("--no-data", action="store_true",
                    help="do not read the training data: assume rows of data.max_length tokens, a quarter of them "
                         "labelled, no shared prefix (default: measure the batch shape on a sample of the examples)")
@@ -335,8 +368,8 @@ def _memory(sub: Any) -> None:
 
 
 def run_memory(args: argparse.Namespace) -> int:
-    from peftkit.train.config import load_config
-    from peftkit.train.memory import build_meta_model, data_shape, predict_memory
+    from peftkit.runs.config import load_config
+    from peftkit.runs.memory import build_meta_model, data_shape, predict_memory
 
     cfg = load_config(*_config_and_overrides(args))
     model = build_meta_model(cfg)

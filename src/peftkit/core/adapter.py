@@ -13,27 +13,40 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 import torch.nn as nn
 
+from peftkit.core.config import MethodConfig
 from peftkit.errors import NotMergeableError, PeftkitError
+
+if TYPE_CHECKING:
+    from peftkit.core.mixed import MixedRows
 
 DEFAULT_ADAPTER = "default"
 STATE_ATTR = "peftkit_state"
+
+
+#: which batch rows an adapter changes: an index tensor (n,), or None for every row
+Rows = torch.Tensor | None
 
 
 class AdapterLayer(nn.Module):
     """Base of every module a method inserts.
 
     Subclasses list in ``adapter_attrs`` the ``ModuleDict``/``ParameterDict`` attributes that hold
-    per-adapter weights, and implement ``forward``; merging methods also implement ``delta_weight``
-    (or override ``merge``/``unmerge``).
+    per-adapter weights. Layers that add a change to a wrapped layer's output (LoRA, DoRA, (IA)³) implement
+    :meth:`delta` and inherit ``forward`` and ``mixed_forward`` (one adapter per batch row) written once here,
+    the shape PEFT reached with its LoRA variants; others (prompts, bottleneck adapters) override ``forward``.
+    Merging methods also implement ``delta_weight`` (or override ``merge``/``unmerge``).
     """
 
     adapter_attrs: tuple[str, ...] = ()
     mergeable: bool = False
+    #: can each batch row use its own adapter (core.mixed)? True for the layers written around delta()
+    mixable: ClassVar[bool] = False
+    mixed_rows: MixedRows | None = None  # one adapter per batch row, set by core.mixed.mixed_batch
 
     def __init__(self) -> None:
         super().__init__()
@@ -50,6 +63,44 @@ class AdapterLayer(nn.Module):
     @property
     def bias(self) -> torch.Tensor | None:
         return getattr(self.base_layer, "bias", None)
+
+    # -- forward: the base layer, then each adapter's change ------------------------------------------
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if self.mixed_rows is not None:
+            return self.mixed_forward(x, *args, **kwargs)
+        adapters = self.use_adapters()  # first: a disabled layer unmerges before the base runs
+        return self._adapted(x, [(name, None) for name in adapters], args, kwargs)
+
+    def mixed_forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        """The base on the whole batch, each adapter's change only on its own rows (``mixed_rows``)."""
+        return self._adapted(x, list(self.mixed_rows.groups(x, self.adapter_names())), args, kwargs)
+
+    def _adapted(self, x: torch.Tensor, groups: list[tuple[str, Rows]], args: tuple, kwargs: dict) -> torch.Tensor:
+        x = self.adapt_input(x, groups)
+        base = self.base_layer(x, *args, **kwargs)  # (B, ..., out)
+        return self.adapt_output(x, base, groups)
+
+    def adapt_input(self, x: torch.Tensor, groups: list[tuple[str, Rows]]) -> torch.Tensor:
+        """The input the base layer sees; unchanged by default ((IA)³ scales feed-forward inputs)."""
+        return x
+
+    def adapt_output(self, x: torch.Tensor, base: torch.Tensor, groups: list[tuple[str, Rows]]) -> torch.Tensor:
+        """The base output ``base`` plus each adapter's :meth:`delta`, on its rows only in a mixed batch."""
+        result = base
+        for name, rows in groups:
+            if rows is None:
+                result = self.add_delta(name, x, base, result)
+            else:
+                result = result.index_add(0, rows, self.delta(name, x[rows], base[rows]).to(result.dtype))
+        return result
+
+    def delta(self, name: str, x: torch.Tensor, base: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
+        """What adapter ``name`` adds to the base output ``base`` (..., out) of input ``x``."""
+        raise TypeError(f"{type(self).__name__} defines no output change")
+
+    def add_delta(self, name: str, x: torch.Tensor, base: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
+        """``result`` plus adapter ``name``'s :meth:`delta` (a layer may fuse the sum, as LoRA's one GEMM)."""
+        return result + self.delta(name, x, base).to(result.dtype)
 
     # -- bookkeeping -----------------------------------------------------------------
     def adapter_names(self) -> list[str]:
@@ -123,7 +174,7 @@ class AdapterLayer(nn.Module):
 class AdapterState:
     """Per-model record of the adapters attached to it (stored as ``model.peftkit_state``)."""
 
-    configs: dict[str, Any] = field(default_factory=dict)
+    configs: dict[str, MethodConfig] = field(default_factory=dict)
     targets: dict[str, list[str]] = field(default_factory=dict)
     active: list[str] = field(default_factory=list)
     #: samples of the base weights taken when the first adapter was attached (core/identity.py); None: unknown
@@ -142,6 +193,15 @@ def ensure_state(model: nn.Module) -> AdapterState:
         # object.__setattr__: a plain attribute, not a submodule or buffer
         object.__setattr__(model, STATE_ATTR, AdapterState())
     return getattr(model, STATE_ATTR)
+
+
+def default_lr(model: nn.Module) -> float:
+    """The learning rate ``train.lr: null`` means for ``model``: its (first) active adapter's method's declared
+    ``default_lr``, as a run config resolves it; the base class's for a model without adapters."""
+    state = getattr(model, STATE_ATTR, None)
+    if state is None or not state.active:
+        return MethodConfig.default_lr
+    return state.configs[state.active[0]].default_lr
 
 
 def adapter_layers(model: nn.Module) -> Iterator[tuple[str, AdapterLayer]]:
@@ -163,18 +223,16 @@ def adapter_parameters(model: nn.Module, adapter: str | None = None) -> Iterator
             yield key, p
 
 
-def _extra_trainable(model: nn.Module, config: Any) -> Iterator[tuple[str, nn.Parameter]]:
+def _extra_trainable(model: nn.Module, config: MethodConfig) -> Iterator[tuple[str, nn.Parameter]]:
     """Base parameters a config asks to train and save too: biases (``bias``) and ``modules_to_save``, or
     the whole selection of methods that train base parameters in place (``trainable_base_parameters``)."""
-    select = getattr(config, "trainable_base_parameters", None)
     selected: set[int] = set()
-    if select is not None:  # in place: the selection, plus any modules_to_save it leaves out (a classifier head)
-        for name, p in select(model):
-            selected.add(id(p))
-            yield name, p
-    bias = getattr(config, "bias", "none") if select is None else "none"
-    extra = list(getattr(config, "modules_to_save", None) or [])
-    if select is not None and not extra:
+    for name, p in config.trainable_base_parameters(model):  # in place: the selection (no others select)
+        selected.add(id(p))
+        yield name, p
+    bias = "none" if config.in_place else config.bias  # in place: + modules_to_save it leaves out (a classifier head)
+    extra = list(config.modules_to_save or [])
+    if bias == "none" and not extra:
         return
     adapter_ids = {id(p) for _, layer in adapter_layers(model) for a in layer.adapter_names()
                    for _, p in layer.adapter_named_parameters(a)}
@@ -188,7 +246,7 @@ def _extra_trainable(model: nn.Module, config: Any) -> Iterator[tuple[str, nn.Pa
             yield name, p
 
 
-def untie_modules_to_save(model: nn.Module, config: Any) -> list[str]:
+def untie_modules_to_save(model: nn.Module, config: MethodConfig) -> list[str]:
     """Give each ``modules_to_save`` module parameters of its own where it shares them with a module outside it
     (an output head tied to the input embeddings, as in GPT-2 or SmolLM2), and return their names.
 
@@ -197,7 +255,7 @@ def untie_modules_to_save(model: nn.Module, config: Any) -> list[str]:
     model's outputs are unchanged); the model's config then says the word embeddings are not tied, so a merged
     export keeps the head it trained.
     """
-    extra = list(getattr(config, "modules_to_save", None) or [])
+    extra = list(config.modules_to_save or [])
     if not extra:
         return []
     owners: dict[int, list[str]] = {}
@@ -262,7 +320,7 @@ def count_parameters(model: nn.Module) -> ParamCount:
 def disable_adapters(model: nn.Module) -> Iterator[None]:
     """Within the block the model behaves exactly as its base (merged adapters are unmerged)."""
     state = getattr(model, STATE_ATTR, None)
-    in_place = [a for a in (state.active if state else []) if getattr(state.configs[a], "in_place", False)]
+    in_place = [a for a in (state.active if state else []) if state.configs[a].in_place]
     if in_place:
         raise PeftkitError(f"adapter {in_place[0]!r} ({state.configs[in_place[0]].method_name}) trains the base "
                            "weights in place: there is no separate adapter to turn off (load a fresh base instead)")

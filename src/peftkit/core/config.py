@@ -11,9 +11,11 @@ import difflib
 import math
 import types
 import typing
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, TypeVar
 
+from peftkit.core.registry import get_method
 from peftkit.errors import ConfigError
 
 T = TypeVar("T")
@@ -53,6 +55,8 @@ def to_dict(obj: Any) -> dict[str, Any]:
 
 def _coerce(value: Any, hint: Any, where: str) -> Any:
     """Check ``value`` against the type ``hint`` (ints widen to floats; nested dataclasses are built)."""
+    if hint is MethodConfig:  # which config class depends on the method named
+        return method_from_dict(value, where)
     if dataclasses.is_dataclass(hint) and isinstance(hint, type):
         if not isinstance(value, dict):
             raise ConfigError(f"{where} must be a mapping, got {value!r}")
@@ -107,13 +111,49 @@ def _type_name(hint: Any) -> str:
 
 @dataclass
 class MethodConfig:
-    """Base of every method's config. ``method_name`` is set by the registry decorator."""
+    """Base of every method's config. ``method_name`` is set by the registry decorator.
+
+    What a method *is* is declared here with the default every method gets, and overridden on the method's
+    config where it differs; generic code asks these, never ``getattr(config, "x", default)``.
+    """
 
     method_name: ClassVar[str] = ""
     #: PEFT's ``peft_type`` for methods whose files PEFT can read; None otherwise.
     peft_type: ClassVar[str | None] = None
     #: the learning rate ``train.lr`` defaults to for this method (measured on SmolLM2-135M, docs/methods.md)
     default_lr: ClassVar[float] = 2e-4
+    #: the method trains base parameters themselves (no adapter layers): there is no separate adapter to turn
+    #: off, unload without merging, or give only some batch rows
+    in_place: ClassVar[bool] = False
+    #: a run delivers a whole model folder (``save_pretrained``) rather than an adapter (full fine-tuning)
+    writes_full_model: ClassVar[bool] = False
+    #: which base biases train with the adapter: "none", "all", "lora_only" (a field on methods offering it)
+    bias: ClassVar[str] = "none"
+    #: base modules trained fully and saved with the adapter (a field on methods that can carry them)
+    modules_to_save: ClassVar[list[str] | None] = None
+    #: soft prompts: where the virtual tokens go, "embeddings" (before the input: the sequence grows) or
+    #: "prefix" (each layer's keys and values only); None for methods without virtual tokens
+    virtual_token_kind: ClassVar[str | None] = None
+    #: adapters of this method combine into one (``peftkit merge`` with several adapters): each adds a plain
+    #: low-rank weight delta (LoRA, QLoRA; methods/lora_combine.py). False for every other method.
+    combinable: ClassVar[bool] = False
+
+    @property
+    def virtual_tokens(self) -> int:
+        """Virtual tokens the adapter adds to every sequence (soft prompts); 0 for other methods."""
+        return 0
+
+    def trains_base_tensors(self) -> bool:
+        """Does this adapter change base tensors (in place, biases, or ``modules_to_save``)?
+
+        Such an adapter's effect is shared by everything using the base: it cannot serve some batch rows only,
+        and no weight delta describes it.
+        """
+        return self.in_place or self.bias != "none" or bool(self.modules_to_save)
+
+    def trainable_base_parameters(self, model: Any) -> Iterator[tuple[str, Any]]:
+        """``(name, parameter)`` of the base parameters an in-place method trains (none for other methods)."""
+        return iter(())
 
     def __post_init__(self) -> None:
         self.validate()  # a method's own range checks word their messages best
@@ -142,6 +182,23 @@ class MethodConfig:
         so the encoder becomes a plain table). Raises AdapterFileError for tensors that do not fit.
         """
         return tensors
+
+
+def method_from_dict(spec: Any, where: str = "method") -> MethodConfig:
+    """The config of the method ``spec["name"]`` names, built from the rest of ``spec`` (``{name: lora, r: 8}``).
+
+    Raises:
+        ConfigError: ``spec`` is no mapping, names no method or an unknown one, or has a bad field (named).
+    """
+    if isinstance(spec, MethodConfig):
+        return spec
+    if not isinstance(spec, dict):
+        raise ConfigError(f"{where} must be a mapping, got {spec!r}")
+    spec = dict(spec)
+    name = spec.pop("name", None)
+    if not isinstance(name, str):
+        raise ConfigError(f"{where}.name is missing: name the method, e.g. {where}.name=lora (see `peftkit info`)")
+    return from_dict(get_method(name).config_cls, spec, f"{where}.")
 
 
 @dataclass
@@ -180,4 +237,4 @@ def check(cond: bool, message: str) -> None:
         raise ConfigError(message)
 
 
-__all__ = ["ConfigError", "MethodConfig", "TargetedConfig", "check", "field", "from_dict", "to_dict"]
+__all__ = ["ConfigError", "MethodConfig", "TargetedConfig", "check", "field", "from_dict", "method_from_dict", "to_dict"]

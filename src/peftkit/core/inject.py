@@ -18,9 +18,10 @@ from peftkit.core.adapter import (
     set_active,
     untie_modules_to_save,
 )
-from peftkit.core.config import MethodConfig
+from peftkit.core.config import MethodConfig, TargetedConfig
 from peftkit.core.identity import param_samples
 from peftkit.core.registry import get_method
+from peftkit.core.targeting import TargetSpec, find_targets
 from peftkit.errors import ConfigError, NotMergeableError
 
 
@@ -46,6 +47,57 @@ def wrap_modules(model: nn.Module, names: list[str], wrap: Callable[[str, nn.Mod
         new.train(old.training)  # new submodules (dropout) follow the model's mode: eval stays deterministic
         if new is not old:
             replace_module(model, name, new)
+
+
+def attach_layers(
+    model: nn.Module,
+    config: TargetedConfig,
+    *,
+    method: str,
+    own: type[AdapterLayer] | tuple[type[AdapterLayer], ...],
+    make: Callable[[nn.Module], AdapterLayer | None],
+    add: Callable[[AdapterLayer, str], None],
+    default_targets: Callable[[nn.Module], TargetSpec],
+    adopt: Callable[[AdapterLayer, str], AdapterLayer | None] | None = None,
+    accept: Callable[[nn.Module], bool] | None = None,
+) -> list[str]:
+    """Wrap each module ``config`` targets in the method's adapter layer and add one adapter to it (the attach of
+    LoRA, DoRA and (IA)³).
+
+    Args:
+        method: the method's name in messages ("LoRA").
+        own: the method's layer classes: a module already wrapped in one gets one more adapter.
+        make: the method's layer around a plain module, or None when it cannot wrap that kind of module.
+        add: adds the adapter to a layer, ``add(layer, module_name)``.
+        default_targets: the targets when ``config.target_modules`` is None (the model family's usual ones).
+        adopt: takes over another method's layer, or None when it cannot (DoRA takes LoRA layers over).
+        accept: which module kinds can be targets (see :func:`~peftkit.core.targeting.find_targets`).
+
+    Returns:
+        The wrapped modules' names.
+
+    Raises:
+        ConfigError: a target is adapted by another method already, or is of a kind the method cannot adapt.
+    """
+    spec = config.target_modules if config.target_modules is not None else default_targets(model)
+    targets = find_targets(model, spec, config.exclude, config.layers, accept=accept)
+
+    def wrap(name: str, module: nn.Module) -> nn.Module:
+        if isinstance(module, own):
+            layer = module  # another adapter on an already wrapped module
+        elif isinstance(module, AdapterLayer):
+            layer = adopt(module, name) if adopt is not None else None
+            if layer is None:
+                raise ConfigError(f"module {name!r} is already adapted by another method ({type(module).__name__})")
+        else:
+            layer = make(module)
+            if layer is None:  # find_targets only returns the kinds accept allows
+                raise ConfigError(f"{method} cannot adapt module {name!r} of type {type(module).__name__}")
+        add(layer, name)
+        return layer
+
+    wrap_modules(model, targets, wrap)
+    return targets
 
 
 def refuse_nesting(model: nn.Module, name: str, module: nn.Module) -> None:
@@ -134,7 +186,7 @@ def _refuse_unmergeable(model: nn.Module) -> None:
         active = [a for a in layer.active_adapters if a not in layer.merged_adapters]
         if active and not layer.mergeable:
             config = state.configs.get(active[0])
-            method = getattr(config, "method_name", "") or type(layer).__name__
+            method = (config.method_name if config is not None else "") or type(layer).__name__
             raise NotMergeableError(
                 f"adapter {active[0]!r} ({method}) cannot be merged into the base weights: what it adds at {name!r} "
                 "is no change of a weight; keep the adapter unmerged (unloading without merge removes it)")
@@ -170,7 +222,7 @@ def unload(model: nn.Module, merge: bool = False) -> nn.Module:
             otherwise the base is returned unchanged.
     """
     state = get_state(model)
-    in_place = [a for a, c in state.configs.items() if getattr(c, "in_place", False)]
+    in_place = [a for a, c in state.configs.items() if c.in_place]
     if in_place and not merge:
         raise ConfigError(f"adapter {in_place[0]!r} trained the base weights in place: unloading cannot give the "
                           "original base back (use unload(model, merge=True) for the tuned model, or reload the base)")

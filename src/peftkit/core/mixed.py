@@ -9,7 +9,7 @@ adapter's change is computed only on its own rows (sub-batch indexing), so one c
 from one base. Rows named ``"__base__"`` (:data:`BASE`) get the base model.
 
 How the layers learn the assignment: for the duration of the block every adapter layer that supports mixed
-batches (it has a ``mixed_forward`` method: LoRA, QLoRA, DoRA, (IA)³) gets the row assignment in its
+batches (its class declares ``mixable``: LoRA, QLoRA, DoRA, (IA)³) gets the row assignment in its
 ``mixed_rows`` attribute, which its ``forward`` reads; every other adapter layer is disabled (the layers of
 adapters that no row names). Layers that cannot give each row its own adapter refuse up front
 (:class:`~peftkit.errors.ConfigError` naming the method): soft prompts and prefixes change the sequence,
@@ -72,7 +72,7 @@ class MixedRows:
 
 def supports_mixed(layer: nn.Module) -> bool:
     """Can this adapter layer give each batch row its own adapter?"""
-    return callable(getattr(layer, "mixed_forward", None))
+    return isinstance(layer, AdapterLayer) and layer.mixable
 
 
 @contextlib.contextmanager
@@ -94,7 +94,7 @@ def mixed_batch(model: nn.Module, adapter_names: Sequence[str]) -> Iterator[None
     layers = list(adapter_layers(model))
     for name, layer in layers:
         _refuse_layer(name, layer, named, state)
-    saved = [(layer, layer.disabled, getattr(layer, "mixed_rows", None)) for _, layer in layers]
+    saved = [(layer, layer.disabled, layer.mixed_rows) for _, layer in layers]
     try:
         for _, layer in layers:
             if supports_mixed(layer):
@@ -124,18 +124,19 @@ def _check_names(model: nn.Module, adapter_names: Sequence[str]) -> list[str]:
 
 
 def _method(state: AdapterState, adapter: str) -> str:
-    return getattr(state.configs.get(adapter), "method_name", "") or "unknown method"
+    config = state.configs.get(adapter)
+    return (config.method_name if config is not None else "") or "unknown method"
 
 
 def _refuse_in_place(state: AdapterState) -> None:
     # Any loaded adapter that changed base parameters changes every row, named or not.
     for adapter, config in state.configs.items():
-        if getattr(config, "in_place", False):
+        if config.in_place:
             raise ConfigError(f"mixed batches are not supported by {config.method_name} (adapter {adapter!r}): it "
                               "trains the base weights in place, so no row can see the base without it")
-        extras = [f"bias={config.bias!r}"] if getattr(config, "bias", "none") != "none" else []
-        extras += ["modules_to_save"] if getattr(config, "modules_to_save", None) else []
-        if extras:
+        if config.trains_base_tensors():  # not in place: its biases or modules_to_save
+            extras = [f"bias={config.bias!r}"] if config.bias != "none" else []
+            extras += ["modules_to_save"] if config.modules_to_save else []
             raise ConfigError(f"mixed batches are not supported for adapter {adapter!r} ({config.method_name} with "
                               f"{' and '.join(extras)}): it trains base parameters in place, which every row shares")
 

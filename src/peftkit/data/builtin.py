@@ -23,11 +23,12 @@ import io
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args
 
 from peftkit.errors import DataError
 
-SPLITS = ("train", "validation", "test")
+SplitName = Literal["train", "validation", "test"]  #: a data set's splits
+SPLITS: tuple[str, ...] = get_args(SplitName)
 SEED = 0
 SENTIMENT_INSTRUCTION = "Classify the sentiment of this movie review as positive or negative."
 Record = dict[str, Any]

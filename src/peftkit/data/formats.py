@@ -16,11 +16,12 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args
 
 from peftkit.errors import DataError
 
-FORMATS = ("alpaca", "chat", "prompt_completion", "text")
+DataFormat = Literal["alpaca", "chat", "prompt_completion", "text"]  #: a data file's format (``data.format``)
+FORMATS: tuple[str, ...] = get_args(DataFormat)
 REQUIRED = {
     "alpaca": ("instruction", "output"),
     "chat": ("messages",),

@@ -13,12 +13,16 @@ from __future__ import annotations
 import json
 import warnings
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal, get_args
 
 from peftkit.errors import ConfigError, DataError
 
-KINDS = ("auto", "chat", "alpaca", "none")
-CHAT_LOSS = ("all", "last")
+#: the template choices (``data.template``, ``--template``): ``auto`` resolves to chat or alpaca in :meth:`Template.create`
+TemplateKind = Literal["auto", "chat", "alpaca", "none"]
+KINDS: tuple[str, ...] = get_args(TemplateKind)
+#: which assistant turns of a chat example train (``data.chat_loss``)
+ChatLoss = Literal["all", "last"]
+CHAT_LOSS: tuple[str, ...] = get_args(ChatLoss)
 
 
 @dataclass

@@ -5,9 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from peftkit.core.labels import IGNORE
 from peftkit.data.template import Template
 
-IGNORE = -100  # label value the loss skips (PyTorch cross_entropy's ignore_index)
 _KEEP_PROMPT_TAIL = 16  # tokens kept from a truncated prompt's end (chat templates end with the assistant header)
 
 

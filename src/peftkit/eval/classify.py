@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from peftkit.data.collate import pad_batch
 from peftkit.data.template import Template, with_response
-from peftkit.train.loop import autocast, model_device
+from peftkit.train.precision import autocast, model_device
 
 
 @dataclass

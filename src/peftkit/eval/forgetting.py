@@ -103,7 +103,7 @@ def _base_of(model: nn.Module, base: BaseModel) -> Iterator[tuple[nn.Module, str
 def _in_place_adapters(model: nn.Module) -> list[str]:
     """Active adapters that changed the base weights themselves (full fine-tuning, BitFit, ...)."""
     state = getattr(model, STATE_ATTR, None)
-    return [a for a in (state.active if state else []) if getattr(state.configs[a], "in_place", False)]
+    return [a for a in (state.active if state else []) if state.configs[a].in_place]
 
 
 def _scores(model: nn.Module, tokenizer: Any, tasks: Sequence[str], text: Path, max_tokens: int, max_examples: int,

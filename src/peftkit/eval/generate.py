@@ -13,7 +13,7 @@ from peftkit.core.mixed import mixed_batch
 from peftkit.data.collate import pad_batch
 from peftkit.data.template import Template
 from peftkit.errors import ConfigError
-from peftkit.train.loop import model_device
+from peftkit.train.precision import model_device
 
 
 @torch.no_grad()

@@ -23,15 +23,17 @@ import torch
 import torch.nn as nn
 
 from peftkit.core.files import atomic_write_text
+from peftkit.data.builtin import SPLITS
 from peftkit.data.load import MIN_SPLIT_ROWS, Splits, load_splits
 from peftkit.data.template import Template, reference
 from peftkit.errors import ConfigError, DataError
+from peftkit.eval import EVAL_TASKS
 from peftkit.eval.classify import option_logprobs
 from peftkit.eval.generate import generate
 from peftkit.eval.icl import draw_shots, with_shots
 from peftkit.eval.metrics import generation_metrics
 
-TASKS = ("auto", "classification", "multiple_choice", "generation", "perplexity")
+TASKS = EVAL_TASKS
 LETTERS = "ABCDEFGHIJ"
 
 
@@ -39,7 +41,7 @@ def load_model_with_adapter(model_name: str, adapter: str | None = None,
                             strict_base: bool = False) -> tuple[nn.Module, Any]:
     """The model (+ adapter) with the head of the task it was trained for: a causal LM, a sequence classifier
     (``task: seq_cls`` adapters and models) or an encoder-decoder."""
-    from peftkit.train.tasks import load_for_eval
+    from peftkit.models.load import load_for_eval
 
     return load_for_eval(model_name, adapter, strict_base)
 
@@ -76,25 +78,58 @@ def evaluate(
         ``{"task", "data", "split", "n", "shots", <metrics>...}``; per-example predictions go to
         ``predictions_file`` (JSONL) when given.
     """
-    if task not in TASKS:
-        raise ConfigError(f"task must be one of {', '.join(TASKS)}, got {task!r}")
-    if split not in ("train", "validation", "test"):
-        raise ConfigError(f"split must be train, validation or test, got {split!r}")
+    _check_task_and_split(task, split)
     if task == "perplexity" or (task == "auto" and Path(data).suffix == ".txt"):
         result = perplexity(model, tokenizer, data)
         return {"task": "perplexity", "data": data, **result}
-    from peftkit.train.tasks import evaluate_seq_cls, is_seq_cls
+    from peftkit.models.load import is_seq_cls
 
     if is_seq_cls(model):  # a classification head answers directly: accuracy of its arg-max class
-        if task not in ("auto", "classification"):
-            raise ConfigError(f"a sequence-classification model scores task classification, not {task!r}")
-        res = evaluate_seq_cls(model, tokenizer, data, split, limit, seed, batch_size=batch_size, test=test)
-        if predictions_file is not None:
-            lines = [json.dumps({"text": r["text"], "reference": r["label"], "prediction": p})
-                     for r, p in zip(res.pop("rows"), res.pop("predictions"))]
-            atomic_write_text(predictions_file, "\n".join(lines) + "\n")
-        return {k: v for k, v in res.items() if k not in ("rows", "predictions")}
+        return _evaluate_head(model, tokenizer, data, task, split, limit, seed, batch_size, predictions_file, test)
     splits, task = _load_task(data, task, seed, test)
+    refs, queries = _queries(splits, data, split, limit, shots, seed, transform, log)
+    tmpl = Template.create(tokenizer, template, splits.format)
+    out: dict[str, Any] = {"task": task, "data": data, "split": split, "n": len(queries), "shots": shots}
+    if split == "test" and splits.test_source:
+        out["test_source"] = splits.test_source
+    preds, metrics = _predict(model, tmpl, task, queries, refs, splits, batch_size, max_new_tokens, seed)
+    out.update(metrics)
+    if predictions_file is not None:
+        _write_predictions(predictions_file, [{"prompt": tmpl.prompt_text(q), "reference": ref, "prediction": p}
+                                              for q, ref, p in zip(queries, refs, preds)])
+    return out
+
+
+def _check_task_and_split(task: str, split: str) -> None:
+    if task not in TASKS:
+        raise ConfigError(f"task must be one of {', '.join(TASKS)}, got {task!r}")
+    if split not in SPLITS:
+        raise ConfigError(f"split must be train, validation or test, got {split!r}")
+
+
+def _evaluate_head(model: nn.Module, tokenizer: Any, data: str, task: str, split: str, limit: int | None, seed: int,
+                   batch_size: int, predictions_file: str | Path | None, test: str | None) -> dict[str, Any]:
+    """A sequence-classification model scored by its head: the accuracy of its arg-max class."""
+    from peftkit.eval.heads import evaluate_seq_cls
+
+    if task not in ("auto", "classification"):
+        raise ConfigError(f"a sequence-classification model scores task classification, not {task!r}")
+    res = evaluate_seq_cls(model, tokenizer, data, split, limit, seed, batch_size=batch_size, test=test)
+    if predictions_file is not None:
+        _write_predictions(predictions_file, [{"text": r["text"], "reference": r["label"], "prediction": p}
+                                              for r, p in zip(res.pop("rows"), res.pop("predictions"))])
+    return {k: v for k, v in res.items() if k not in ("rows", "predictions")}
+
+
+def _queries(splits: Splits, data: str, split: str, limit: int | None, shots: int, seed: int,
+             transform: Callable[[dict[str, Any]], dict[str, Any]] | None,
+             log: Callable[[str], None] | None) -> tuple[list[str], list[dict[str, Any]]]:
+    """The references and the queries (with their shots, after ``transform``) of the first ``limit`` rows of a
+    seeded shuffle of ``split``; logs which rows a test split holds.
+
+    Raises:
+        DataError: no such split, or a row without an answer.
+    """
     rows = list(getattr(splits, split))
     if not rows:
         raise DataError(f"{data!r} has no {split} split (give a file with data.test / --split train)")
@@ -106,24 +141,24 @@ def evaluate(
     shot_rows = [draw_shots(splits.train, shots, seed, options=splits.label_options, exclude=r) for r in rows]
     if transform is not None:
         rows, shot_rows = [transform(r) for r in rows], [[transform(s) for s in ss] for ss in shot_rows]
-    queries = [with_shots(r, ss) for r, ss in zip(rows, shot_rows)]
-    tmpl = Template.create(tokenizer, template, splits.format)
-    out: dict[str, Any] = {"task": task, "data": data, "split": split, "n": len(rows), "shots": shots}
-    if split == "test" and splits.test_source:
-        out["test_source"] = splits.test_source
+    return refs, [with_shots(r, ss) for r, ss in zip(rows, shot_rows)]
+
+
+def _predict(model: nn.Module, tmpl: Template, task: str, queries: list[dict[str, Any]], refs: list[str],
+             splits: Splits, batch_size: int, max_new_tokens: int, seed: int) -> tuple[list[str], dict[str, Any]]:
+    """Each query's prediction, and the metrics: for classification the most likely label option (accuracy),
+    else a generation scored against the references."""
     if task in ("classification", "multiple_choice"):
         options = splits.label_options or sorted({reference(r) for r in splits.train} | set(refs))
         scores = option_logprobs(model, tmpl, queries, options, batch_size)
         preds = [options[i] for i in scores.argmax(-1).tolist()]
-        out["accuracy"] = sum(p == r for p, r in zip(preds, refs)) / len(refs)
-    else:
-        preds = generate(model, tmpl, queries, max_new_tokens=max_new_tokens, batch_size=batch_size, seed=seed)
-        out.update(generation_metrics(preds, refs))
-    if predictions_file is not None:
-        lines = [json.dumps({"prompt": tmpl.prompt_text(q), "reference": ref, "prediction": p})
-                 for q, ref, p in zip(queries, refs, preds)]
-        atomic_write_text(predictions_file, "\n".join(lines) + "\n")
-    return out
+        return preds, {"accuracy": sum(p == r for p, r in zip(preds, refs)) / len(refs)}
+    preds = generate(model, tmpl, queries, max_new_tokens=max_new_tokens, batch_size=batch_size, seed=seed)
+    return preds, generation_metrics(preds, refs)
+
+
+def _write_predictions(path: str | Path, records: list[dict[str, Any]]) -> None:
+    atomic_write_text(path, "\n".join(json.dumps(r) for r in records) + "\n")
 
 
 def _reference(row: dict[str, Any], i: int, data: str, split: str) -> str:
@@ -206,7 +241,8 @@ def perplexity(model: nn.Module, tokenizer: Any, path: str, window: int = 512, s
                max_tokens: int | None = None) -> dict[str, float]:
     """Perplexity of a text file: windows of ``window`` tokens advancing by ``stride``; each token is
     scored once, with up to ``window - stride`` tokens of context before it."""
-    from peftkit.train.loop import lm_loss_sum, model_device
+    from peftkit.train.loss import lm_loss_sum
+    from peftkit.train.precision import model_device
 
     file = Path(path)
     if not file.is_file():

@@ -44,9 +44,9 @@ from peftkit.core.adapter import AdapterLayer, adapter_parameters
 from peftkit.core.config import MethodConfig, check
 from peftkit.core.inject import replace_module
 from peftkit.core.io import PREFIX as FILE_PREFIX
+from peftkit.core.labels import IGNORE
 from peftkit.errors import AdapterFileError, ConfigError, PeftkitError
 
-IGNORE = -100
 FILE_KEY = "prompt_embeddings"  # PEFT's single tensor for every prompt-learning method
 ENCODER_PREFIX = "prompt_encoder."  # optional extra keys: the encoder itself, to resume training
 CACHE_MARK = "_peftkit_virtual_tokens"  # set on a Cache object that holds the virtual tokens
@@ -77,9 +77,13 @@ class SoftPromptConfig(MethodConfig):
         check(isinstance(n, int) and not isinstance(n, bool) and n > 0,
               f"method.num_virtual_tokens must be a positive integer, got {n!r}")
 
+    @property
+    def virtual_tokens(self) -> int:
+        return self.num_virtual_tokens
+
     # -- what a method provides ---------------------------------------------------------------
     #: ``"embeddings"`` (virtual tokens are input embeddings) or ``"prefix"`` (per-layer keys/values)
-    kind: ClassVar[str] = EMBEDDINGS
+    virtual_token_kind: ClassVar[str] = EMBEDDINGS
 
     def make_encoder(self, model: nn.Module, embedding: nn.Module) -> nn.Module:  # pragma: no cover - abstract
         """The module computing the (N, width) table from trainable parameters."""
@@ -92,7 +96,7 @@ class SoftPromptConfig(MethodConfig):
     # -- PEFT adapter_config.json ----------------------------------------------------------------
     def to_peft(self, model: nn.Module, targets: list[str]) -> dict[str, Any]:
         geo = Geometry.of(model)
-        prefix = self.kind == PREFIX
+        prefix = self.virtual_token_kind == PREFIX
         return {
             "peft_type": self.peft_type,
             "num_virtual_tokens": self.num_virtual_tokens,

@@ -28,15 +28,24 @@ import torch.nn.functional as F
 
 from peftkit.core.adapter import AdapterLayer
 from peftkit.core.config import ConfigError
-from peftkit.core.inject import wrap_modules
+from peftkit.core.inject import attach_layers
 from peftkit.core.registry import register
-from peftkit.core.targeting import find_targets, is_linear_like
-from peftkit.methods.lora import LoraConfig, LoraEmbedding, LoraLayer, LoraLinear, default_targets
+from peftkit.methods.lora import (
+    LoraConfig,
+    LoraEmbedding,
+    LoraLayer,
+    LoraLinear,
+    add_lora_adapter,
+    default_targets,
+    new_lora_layer,
+)
 
 
 @dataclass
 class DoraConfig(LoraConfig):
     """DoRA settings: every LoRA field (r, alpha, dropout, targets, ...) means what it means for LoRA."""
+
+    combinable = False  # the magnitudes rescale W0 + s·B·A: no low-rank delta to combine
 
     def to_peft(self, model: nn.Module, targets: list[str]) -> dict[str, Any]:
         return {**super().to_peft(model, targets), "use_dora": True}
@@ -50,7 +59,11 @@ class DoraMixin:
     """Magnitudes on top of a LoRA layer; adapters without one in ``lora_magnitude_vector`` stay plain LoRA."""
 
     lora_magnitude_vector: nn.ParameterDict
+    fan_in_fan_out: bool
     _unmerged_weight: torch.Tensor | None
+
+    #: the plain sum: a DoRA change is no single GEMM (plain LoRA adapters on a DoRA layer are summed so too)
+    add_delta = AdapterLayer.add_delta
 
     def _init_dora(self) -> None:
         self.lora_magnitude_vector = nn.ParameterDict()
@@ -59,7 +72,7 @@ class DoraMixin:
     @property
     def _out_last(self) -> bool:
         """Is the output feature the stored weight's second axis? (Conv1D (in, out), Embedding (num, dim))."""
-        return bool(getattr(self, "fan_in_fan_out", False)) or isinstance(self.base_layer, nn.Embedding)
+        return self.fan_in_fan_out or isinstance(self.base_layer, nn.Embedding)
 
     def add_magnitude(self, name: str) -> None:
         """Make adapter ``name`` (already added as LoRA) a DoRA adapter: m = ‖W0 + s·B·A‖."""
@@ -117,25 +130,7 @@ class DoraLinear(DoraMixin, LoraLinear):
         super().__init__(base_layer)
         self._init_dora()
 
-    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        if self.mixed_rows is not None:
-            return self.mixed_forward(x, *args, **kwargs)
-        adapters = self.use_adapters()  # first: a disabled layer unmerges before the base runs
-        base = self.base_layer(x, *args, **kwargs)
-        result = base
-        for name in adapters:
-            result = result + self._change(name, x, base).to(result.dtype)
-        return result
-
-    def mixed_forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        """The base on the whole batch, each adapter's change only on its own rows (``mixed_rows``)."""
-        base = self.base_layer(x, *args, **kwargs)  # (B, ..., out)
-        result = base
-        for name, rows in self.mixed_rows.groups(x, self.lora_A):
-            result = result.index_add(0, rows, self._change(name, x[rows], base[rows]).to(result.dtype))
-        return result
-
-    def _change(self, name: str, x: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
+    def delta(self, name: str, x: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
         """What adapter ``name`` adds to the base output ``base`` (..., out) of input ``x`` (..., in)."""
         A, B, s = self.lora_A[name], self.lora_B[name], self.scaling[name]
         dropout = self.lora_dropout[name]
@@ -161,33 +156,11 @@ class DoraEmbedding(DoraMixin, LoraEmbedding):
         super().__init__(base_layer)
         self._init_dora()
 
-    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        if self.mixed_rows is not None:
-            return self.mixed_forward(x, *args, **kwargs)
-        adapters = self.use_adapters()
-        base = self.base_layer(x, *args, **kwargs)
-        result = base
-        for name in adapters:
-            result = result + self._change(name, x, base).to(result.dtype)
-        return result
-
-    def mixed_forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        """The base lookup for the whole batch, each adapter's change only on its own rows (``mixed_rows``)."""
-        base = self.base_layer(x, *args, **kwargs)  # (B, ..., dim)
-        result = base
-        for name, rows in self.mixed_rows.groups(x, self.lora_embedding_A):
-            result = result.index_add(0, rows, self._change(name, x[rows], base[rows]).to(result.dtype))
-        return result
-
-    def _change(self, name: str, x: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
+    def delta(self, name: str, x: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
         """What adapter ``name`` adds to the base embeddings ``base`` (..., dim) of token ids ``x``."""
-        A, B = self.lora_embedding_A[name], self.lora_embedding_B[name]
-        emb = self.base_layer
-        after_a = F.embedding(x, A.T, emb.padding_idx, emb.max_norm, emb.norm_type,
-                              emb.scale_grad_by_freq, emb.sparse)  # (..., r)
-        lora = (after_a @ B.T) * self.scaling[name]  # (..., dim)
+        lora = super().delta(name, x, base)  # (..., dim)
         if name in self.lora_magnitude_vector:
-            f = self._factor(name, emb.weight)  # (dim,)
+            f = self._factor(name, self.base_layer.weight)  # (dim,)
             lora = (f - 1) * base + f * lora
         return lora
 
@@ -206,29 +179,11 @@ def _to_dora(layer: LoraLayer, name: str) -> DoraLinear | DoraEmbedding:
 
 @register("dora", DoraConfig, "DoRA: LoRA on the weight's direction plus a learned magnitude per output feature (mergeable)")
 def attach_dora(model: nn.Module, config: DoraConfig, adapter_name: str) -> list[str]:
-    targets = find_targets(
-        model,
-        config.target_modules if config.target_modules is not None else default_targets(model),
-        config.exclude,
-        config.layers,
-    )
-
-    def wrap(name: str, module: nn.Module) -> nn.Module:
-        if isinstance(module, (DoraLinear, DoraEmbedding)):
-            layer = module
-        elif isinstance(module, LoraLayer):
-            layer = _to_dora(module, name)  # plain LoRA adapters already there carry on as they were
-        elif isinstance(module, AdapterLayer):
-            raise ConfigError(f"module {name!r} is already adapted by another method ({type(module).__name__})")
-        elif isinstance(module, nn.Embedding):
-            layer = DoraEmbedding(module)
-        elif is_linear_like(module):
-            layer = DoraLinear(module)
-        else:  # find_targets only returns linear-like layers and embeddings
-            raise ConfigError(f"DoRA cannot adapt module {name!r} of type {type(module).__name__}")
-        layer.add_adapter(adapter_name, config.rank_for(name), config.scaling(name), config.dropout, config.init)
+    def add(layer: DoraLinear | DoraEmbedding, name: str) -> None:
+        add_lora_adapter(layer, name, config, adapter_name)
         layer.add_magnitude(adapter_name)
-        return layer
 
-    wrap_modules(model, targets, wrap)
-    return targets
+    return attach_layers(model, config, method="DoRA", own=(DoraLinear, DoraEmbedding), default_targets=default_targets,
+                         make=lambda module: new_lora_layer(module, DoraLinear, DoraEmbedding), add=add,
+                         # plain LoRA adapters already there carry on as they were
+                         adopt=lambda layer, name: _to_dora(layer, name) if isinstance(layer, LoraLayer) else None)

@@ -23,7 +23,7 @@ class FullConfig(InPlaceConfig):
     default_lr = 5e-5
 
     peft_type: ClassVar[str] = "PEFTKIT_FULL"
-    full_model: ClassVar[bool] = True  # the run writes a complete model folder
+    writes_full_model: ClassVar[bool] = True  # the run writes a complete model folder
 
     def trainable_base_parameters(self, model: nn.Module) -> Iterator[tuple[str, nn.Parameter]]:
         return _base_parameters(model)

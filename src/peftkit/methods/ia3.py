@@ -25,12 +25,11 @@ from typing import Any, Literal
 import torch
 import torch.nn as nn
 
-from peftkit.core.adapter import AdapterLayer
-from peftkit.core.config import ConfigError, TargetedConfig, check
-from peftkit.core.inject import wrap_modules
-from peftkit.core.mixed import MixedRows
+from peftkit.core.adapter import AdapterLayer, Rows
+from peftkit.core.config import TargetedConfig, check
+from peftkit.core.inject import attach_layers
 from peftkit.core.registry import register
-from peftkit.core.targeting import TargetSpec, compact_targets, find_targets, is_linear_like
+from peftkit.core.targeting import TargetSpec, compact_targets, is_linear_like
 
 # PEFT's defaults per model family (TRANSFORMERS_MODELS_TO_IA3_{TARGET,FEEDFORWARD}_MODULES_MAPPING).
 DEFAULT_TARGETS: dict[str, list[str]] = {
@@ -136,7 +135,7 @@ class IA3Linear(AdapterLayer):
 
     adapter_attrs = ("ia3_l",)
     mergeable = True
-    mixed_rows: MixedRows | None = None  # one adapter per batch row, set by core.mixed.mixed_batch
+    mixable = True
 
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__()
@@ -159,40 +158,27 @@ class IA3Linear(AdapterLayer):
         super().delete_adapter(adapter)
         self.is_feedforward.pop(adapter, None)
 
-    def _scales(self, adapters: list[str]) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """(input scale (in,), output scale (out,)): products over the adapters of each kind."""
-        scale_in = scale_out = None
-        for name in adapters:
+    # -- forward (AdapterLayer's): multiplicative, so the hooks scale the input and output ------------------
+    def adapt_input(self, x: torch.Tensor, groups: list[tuple[str, Rows]]) -> torch.Tensor:
+        scale = self._scale(x, [(n, rows) for n, rows in groups if self.is_feedforward[n]], self.in_features)
+        return x if scale is None else (x * scale).to(x.dtype)  # (..., in)
+
+    def adapt_output(self, x: torch.Tensor, base: torch.Tensor, groups: list[tuple[str, Rows]]) -> torch.Tensor:
+        scale = self._scale(base, [(n, rows) for n, rows in groups if not self.is_feedforward[n]], self.out_features)
+        return base if scale is None else (base * scale).to(base.dtype)  # (..., out)
+
+    def _scale(self, t: torch.Tensor, groups: list[tuple[str, Rows]], width: int) -> torch.Tensor | None:
+        """What ``t`` is multiplied by: the product of the adapters' vectors, (width,), when they apply to every
+        row; in a mixed batch each row's own adapter's vector, (B, 1, ..., width). None: no adapter."""
+        if not groups:
+            return None
+        if groups[0][1] is not None:  # mixed batch: rows given
+            return self._row_scales(t, groups, width)
+        scale = None
+        for name, _ in groups:
             vec = self.ia3_l[name].flatten()
-            if self.is_feedforward[name]:
-                scale_in = vec if scale_in is None else scale_in * vec
-            else:
-                scale_out = vec if scale_out is None else scale_out * vec
-        return scale_in, scale_out
-
-    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        if self.mixed_rows is not None:
-            return self.mixed_forward(x, *args, **kwargs)
-        adapters = self.use_adapters()  # first: a disabled layer unmerges before the base runs
-        scale_in, scale_out = self._scales(adapters)
-        if scale_in is not None:
-            x = (x * scale_in).to(x.dtype)  # (..., in)
-        result = self.base_layer(x, *args, **kwargs)
-        if scale_out is not None:
-            result = (result * scale_out).to(result.dtype)  # (..., out)
-        return result
-
-    def mixed_forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        """Each row scaled by its own adapter's vector (``mixed_rows``); the base runs once on the whole batch."""
-        groups = list(self.mixed_rows.groups(x, self.ia3_l))
-        scale_in = [(n, rows) for n, rows in groups if self.is_feedforward[n]]
-        scale_out = [(n, rows) for n, rows in groups if not self.is_feedforward[n]]
-        if scale_in:
-            x = (x * self._row_scales(x, scale_in, self.in_features)).to(x.dtype)  # (B, ..., in)
-        result = self.base_layer(x, *args, **kwargs)
-        if scale_out:
-            result = (result * self._row_scales(result, scale_out, self.out_features)).to(result.dtype)
-        return result
+            scale = vec if scale is None else scale * vec
+        return scale
 
     def _row_scales(self, t: torch.Tensor, groups: list[tuple[str, torch.Tensor]], width: int) -> torch.Tensor:
         """(B, 1, ..., width) per-row scales for ``t``: each row's adapter's vector, ones for the other rows."""
@@ -232,24 +218,8 @@ def default_targets(model: nn.Module) -> list[str] | str:
 
 @register("ia3", IA3Config, "(IA)³: learned per-feature scaling of chosen layers' outputs (inputs for FFN layers); mergeable")
 def attach_ia3(model: nn.Module, config: IA3Config, adapter_name: str) -> list[str]:
-    targets = find_targets(
-        model,
-        config.target_modules if config.target_modules is not None else default_targets(model),
-        config.exclude,
-        config.layers,
-        accept=is_linear_like,
-    )
-    model_type = getattr(getattr(model, "config", None), "model_type", None)
-
-    def wrap(name: str, module: nn.Module) -> nn.Module:
-        if isinstance(module, IA3Linear):
-            layer = module  # another adapter on an already wrapped module
-        elif isinstance(module, AdapterLayer):
-            raise ConfigError(f"module {name!r} is already adapted by another method ({type(module).__name__})")
-        else:
-            layer = IA3Linear(module)
-        layer.add_adapter(adapter_name, config.is_feedforward(name, model_type), config.init)
-        return layer
-
-    wrap_modules(model, targets, wrap)
-    return targets
+    model_type = getattr(getattr(model, "config", None), "model_type", None)  # the model's, not a method fact
+    return attach_layers(model, config, method="(IA)³", own=IA3Linear, default_targets=default_targets,
+                         make=IA3Linear, accept=is_linear_like,
+                         add=lambda layer, name: layer.add_adapter(adapter_name, config.is_feedforward(name, model_type),
+                                                                   config.init))

@@ -29,10 +29,9 @@ import torch.nn.functional as F
 
 from peftkit.core.adapter import AdapterLayer
 from peftkit.core.config import ConfigError, TargetedConfig, check
-from peftkit.core.inject import wrap_modules
-from peftkit.core.mixed import MixedRows
+from peftkit.core.inject import attach_layers
 from peftkit.core.registry import register
-from peftkit.core.targeting import compact_targets, find_targets, is_linear_like
+from peftkit.core.targeting import compact_targets, is_linear_like
 
 # Usual LoRA targets per model family when target_modules is not given (as PEFT's defaults).
 DEFAULT_TARGETS: dict[str, list[str]] = {
@@ -60,6 +59,7 @@ class LoraConfig(TargetedConfig):
     """
 
     peft_type = "LORA"
+    combinable = True  # a plain low-rank delta s·B·A: methods/lora_combine.py
 
     r: int = 8
     alpha: float = 16.0
@@ -160,7 +160,8 @@ class LoraLayer(AdapterLayer):
     """LoRA around a linear-like or embedding layer; one entry per adapter name in each dict."""
 
     mergeable = True
-    mixed_rows: MixedRows | None = None  # one adapter per batch row, set by core.mixed.mixed_batch
+    mixable = True
+    fan_in_fan_out = False  # GPT-2's Conv1D stores its weight (in, out): set by LoraLinear
 
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__()
@@ -205,33 +206,23 @@ class LoraLinear(LoraLayer):
         delta = self.lora_B[adapter].weight @ self.lora_A[adapter].weight * self.scaling[adapter]  # (out, in)
         return delta.T if self.fan_in_fan_out else delta
 
-    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        if self.mixed_rows is not None:
-            return self.mixed_forward(x, *args, **kwargs)
-        adapters = self.use_adapters()  # first: a disabled layer unmerges before the base runs
-        result = self.base_layer(x, *args, **kwargs)
-        autocast = torch.is_autocast_enabled(x.device.type)
-        for name in adapters:
-            A, B, s = self.lora_A[name], self.lora_B[name], self.scaling[name]
-            a = A(self.lora_dropout[name](x if autocast else x.to(A.weight.dtype)))  # (..., r)
-            if autocast or a.dtype != result.dtype:
-                result = result + (B(a) * s).to(result.dtype)  # (..., out)
-                continue
-            # result + s·a·Bᵀ as one GEMM accumulating into a copy of result: no (..., out) temporaries for
-            # B(a), its scaled copy and the sum (bench/levers.py: 2-6% of a q/v layer's forward + backward)
-            out = torch.addmm(result.reshape(-1, result.shape[-1]), a.reshape(-1, a.shape[-1]), B.weight.T, alpha=s)
-            result = out.view(result.shape)  # (..., out)
-        return result
+    def _down(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        """A·dropout(x), (..., r); outside autocast the input is cast to the adapter's dtype first."""
+        A = self.lora_A[name]
+        return A(self.lora_dropout[name](x if torch.is_autocast_enabled(x.device.type) else x.to(A.weight.dtype)))
 
-    def mixed_forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        """The base on the whole batch, each adapter's B·A only on its own rows (``mixed_rows``)."""
-        result = self.base_layer(x, *args, **kwargs)  # (B, ..., out)
-        for name, rows in self.mixed_rows.groups(x, self.lora_A):
-            A, B = self.lora_A[name], self.lora_B[name]
-            sub = x[rows]  # (n, ..., in)
-            h = self.lora_dropout[name](sub.to(A.weight.dtype) if not torch.is_autocast_enabled(x.device.type) else sub)
-            result = result.index_add(0, rows, (B(A(h)) * self.scaling[name]).to(result.dtype))
-        return result
+    def delta(self, name: str, x: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
+        return self.lora_B[name](self._down(name, x)) * self.scaling[name]  # (..., out)
+
+    def add_delta(self, name: str, x: torch.Tensor, base: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
+        B, s = self.lora_B[name], self.scaling[name]
+        a = self._down(name, x)  # (..., r)
+        if torch.is_autocast_enabled(x.device.type) or a.dtype != result.dtype:
+            return result + (B(a) * s).to(result.dtype)  # (..., out)
+        # result + s·a·Bᵀ as one GEMM accumulating into a copy of result: no (..., out) temporaries for
+        # B(a), its scaled copy and the sum (bench/levers.py: 2-6% of a q/v layer's forward + backward)
+        out = torch.addmm(result.reshape(-1, result.shape[-1]), a.reshape(-1, a.shape[-1]), B.weight.T, alpha=s)
+        return out.view(result.shape)  # (..., out)
 
 
 class LoraEmbedding(LoraLayer):
@@ -260,29 +251,14 @@ class LoraEmbedding(LoraLayer):
         A, B = self.lora_embedding_A[adapter], self.lora_embedding_B[adapter]
         return (B @ A).T * self.scaling[adapter]  # (num, dim)
 
-    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        if self.mixed_rows is not None:
-            return self.mixed_forward(x, *args, **kwargs)
-        adapters = self.use_adapters()  # first: a disabled layer unmerges before the base runs
-        result = self.base_layer(x, *args, **kwargs)
-        base = self.base_layer
-        for name in adapters:
-            A, B = self.lora_embedding_A[name], self.lora_embedding_B[name]
-            after_a = F.embedding(x, A.T, base.padding_idx, base.max_norm, base.norm_type,
-                                  base.scale_grad_by_freq, base.sparse)  # (..., r)
-            result = result + ((after_a @ B.T) * self.scaling[name]).to(result.dtype)
-        return result
+    def _down(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        """The token ids' columns of A, (..., r), looked up with the base embedding's options."""
+        emb = self.base_layer
+        return F.embedding(x, self.lora_embedding_A[name].T, emb.padding_idx, emb.max_norm, emb.norm_type,
+                           emb.scale_grad_by_freq, emb.sparse)
 
-    def mixed_forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        """The base lookup for the whole batch, each adapter's B·A only on its own rows (``mixed_rows``)."""
-        result = self.base_layer(x, *args, **kwargs)  # (B, ..., dim)
-        base = self.base_layer
-        for name, rows in self.mixed_rows.groups(x, self.lora_embedding_A):
-            A, B = self.lora_embedding_A[name], self.lora_embedding_B[name]
-            after_a = F.embedding(x[rows], A.T, base.padding_idx, base.max_norm, base.norm_type,
-                                  base.scale_grad_by_freq, base.sparse)  # (n, ..., r)
-            result = result.index_add(0, rows, ((after_a @ B.T) * self.scaling[name]).to(result.dtype))
-        return result
+    def delta(self, name: str, x: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
+        return (self._down(name, x) @ self.lora_embedding_B[name].T) * self.scaling[name]  # (..., dim)
 
 
 def _init_pair(A: torch.Tensor, B: torch.Tensor, init: str, r: int) -> None:
@@ -306,26 +282,19 @@ def default_targets(model: nn.Module) -> list[str] | str:
 def attach_lora(model: nn.Module, config: LoraConfig, adapter_name: str,
                 linear_cls: type[LoraLinear] | None = None) -> list[str]:
     """Args: linear_cls: the wrapper for linear layers (QLoRA passes its subclass for quantized layers)."""
-    targets = find_targets(
-        model,
-        config.target_modules if config.target_modules is not None else default_targets(model),
-        config.exclude,
-        config.layers,
-    )
+    return attach_layers(model, config, method="LoRA", own=LoraLayer, default_targets=default_targets,
+                         make=lambda module: new_lora_layer(module, linear_cls or LoraLinear),
+                         add=lambda layer, name: add_lora_adapter(layer, name, config, adapter_name))
 
-    def wrap(name: str, module: nn.Module) -> nn.Module:
-        if isinstance(module, LoraLayer):
-            layer = module  # another adapter on an already wrapped module
-        elif isinstance(module, AdapterLayer):
-            raise ConfigError(f"module {name!r} is already adapted by another method ({type(module).__name__})")
-        elif isinstance(module, nn.Embedding):
-            layer = LoraEmbedding(module)
-        elif is_linear_like(module):
-            layer = (linear_cls or LoraLinear)(module)
-        else:  # find_targets only returns linear-like layers and embeddings
-            raise ConfigError(f"LoRA cannot adapt module {name!r} of type {type(module).__name__}")
-        layer.add_adapter(adapter_name, config.rank_for(name), config.scaling(name), config.dropout, config.init)
-        return layer
 
-    wrap_modules(model, targets, wrap)
-    return targets
+def new_lora_layer(module: nn.Module, linear_cls: type[LoraLinear] = LoraLinear,
+                   embedding_cls: type[LoraEmbedding] = LoraEmbedding) -> LoraLayer | None:
+    """The LoRA layer around an embedding or a linear-like layer; None for other modules."""
+    if isinstance(module, nn.Embedding):
+        return embedding_cls(module)
+    return linear_cls(module) if is_linear_like(module) else None
+
+
+def add_lora_adapter(layer: LoraLayer, name: str, config: LoraConfig, adapter_name: str) -> None:
+    """Add adapter ``adapter_name`` to the layer of module ``name``, with that module's rank and scaling."""
+    layer.add_adapter(adapter_name, config.rank_for(name), config.scaling(name), config.dropout, config.init)

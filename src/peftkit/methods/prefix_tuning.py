@@ -30,7 +30,14 @@ import torch.nn as nn
 
 from peftkit.core.config import ConfigError, check
 from peftkit.core.registry import register
-from peftkit.methods._soft_prompt import PREFIX, Geometry, PromptSource, PromptTable, SoftPromptConfig, attach_soft_prompt
+from peftkit.methods._soft_prompt import (
+    PREFIX,
+    Geometry,
+    PromptSource,
+    PromptTable,
+    SoftPromptConfig,
+    attach_soft_prompt,
+)
 
 
 @dataclass
@@ -47,7 +54,7 @@ class PrefixTuningConfig(SoftPromptConfig):
     default_lr = 1e-2
 
     peft_type = "PREFIX_TUNING"
-    kind: ClassVar[str] = PREFIX
+    virtual_token_kind: ClassVar[str] = PREFIX
     #: ``num_transformer_submodules`` of the PEFT file this config was read from (None: not read from a file).
     #: Not a field: the layout is fixed by the model kind, so it is only checked against the model on attach.
     _file_submodules: ClassVar[int | None] = None

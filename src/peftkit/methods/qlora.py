@@ -10,7 +10,10 @@ stay fp32 and are the only trainable tensors::
         └──► dropout ──► A ──► B ──► · s ───┘
 
 ``bits: 8`` stores the base as int8 with one fp32 scale per output row (LLM.int8() without outliers)
-instead. The quantization kernels are bitsandbytes' (CPU path; measured on an AVX2-only CPU).
+instead. The quantization kernels are bitsandbytes' (CPU path; measured on an AVX2-only CPU); storing and
+dequantizing weights is :mod:`peftkit.methods.quantize`, the 4-bit CPU layer :mod:`peftkit.methods._nf4`, and
+handing the memory quantization frees back to the OS :mod:`peftkit.allocator`. This file is the method: its
+config, the LoRA layer over a quantized weight, replacing the base's layers, and attaching.
 
 What is not a linear layer stays in full precision: the input embedding and the output head are a large
 share of a small model (on a 1.1B Llama with a 32k vocabulary, 131M of 1100M parameters, yet 0.52 of the
@@ -26,12 +29,9 @@ error); the merged output equals the unmerged quantized output up to fp32 roundi
 
 from __future__ import annotations
 
-import ctypes
 import dataclasses
 import logging
 import os
-import sys
-import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -39,13 +39,19 @@ from typing import Any, Literal
 import torch
 import torch.nn as nn
 
+from peftkit.allocator import file_backed, release_file_pages, trim_heap
 from peftkit.core.config import ConfigError, check
 from peftkit.core.inject import replace_module
 from peftkit.core.registry import register
 from peftkit.core.targeting import find_targets
 from peftkit.methods.lora import LoraConfig, LoraLinear, attach_lora
-
-BLOCK = 64  # weights per NF4 scale (bitsandbytes' CPU default)
+from peftkit.methods.quantize import (
+    LowPrecisionLinear,
+    dequantize_linear,
+    is_quantized,
+    quantize_linear,
+    quantized_bytes,
+)
 
 
 class _NoKernelHubNotice(logging.Filter):
@@ -111,92 +117,14 @@ class QLoraLinear(LoraLinear):
         super()._apply_delta(adapter, sign)
 
 
-def is_quantized(module: nn.Module) -> bool:
-    import bitsandbytes as bnb
-
-    return isinstance(module, (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt))
-
-
-def quantize_linear(linear: nn.Linear, bits: int = 4, quant_type: str = "nf4", double_quant: bool = True) -> nn.Module:
-    """A bitsandbytes copy of ``linear`` with its weight quantized (bias kept as is, frozen)."""
-    import bitsandbytes as bnb
-
-    w = linear.weight.detach()
-    bias = linear.bias is not None
-    if bits == 4:
-        from peftkit.methods._nf4 import BlockwiseLinear4bit, quantize_4bit_by_rows
-
-        q = BlockwiseLinear4bit(linear.in_features, linear.out_features, bias=bias, compute_dtype=torch.float32,
-                              compress_statistics=double_quant, quant_type=quant_type, device="meta")
-        if w.device.type == "cpu":  # quantized a block of rows at a time: no whole-weight temporaries
-            packed, state = quantize_4bit_by_rows(w.to(torch.float32), quant_type, double_quant, BLOCK)
-            q.weight = bnb.nn.Params4bit(packed, requires_grad=False, quant_state=state, blocksize=BLOCK,
-                                         compress_statistics=double_quant, quant_type=quant_type, module=q,
-                                         bnb_quantized=True)
-        else:  # bitsandbytes quantizes on the device when the weight is moved there (below)
-            q.weight = bnb.nn.Params4bit(w.to(torch.float32).cpu(), requires_grad=False,
-                                         compress_statistics=double_quant, quant_type=quant_type, blocksize=BLOCK)
-        # the AVX512-BF16 inference repacking in eval() would cut gradients to the input (MEASURED.md)
-        q.support_avx512bf16_for_cpu = False
-    else:
-        q = bnb.nn.Linear8bitLt(linear.in_features, linear.out_features, bias=bias, has_fp16_weights=False,
-                                threshold=0.0, device="meta")
-        q.weight = bnb.nn.Int8Params(w.to(torch.float32).cpu(), requires_grad=False, has_fp16_weights=False)
-    if bias:
-        q.bias = nn.Parameter(linear.bias.detach().to(torch.float32).cpu().clone(), requires_grad=False)
-    q = q.to(w.device)  # bitsandbytes quantizes when the weight is moved to its device
-    q.train(linear.training)
-    return q
-
-
-def dequantize_weight(module: nn.Module) -> torch.Tensor:
-    """The fp32 weight (out, in) a quantized layer computes with."""
-    import bitsandbytes as bnb
-    import bitsandbytes.functional as bf
-
-    if isinstance(module, bnb.nn.Linear4bit):
-        state = module.weight.quant_state
-        if module.weight.device.type == "cpu" and not getattr(state, "packing_format_for_cpu", False):
-            from peftkit.methods._nf4 import dequantize_4bit
-
-            # not bitsandbytes' CPU op: its kernel scales rows with wrong absmax on AVX512 CPUs when in_features
-            # is not a multiple of the block size (bitsandbytes 0.50.2; _nf4._kernel_is_safe)
-            return dequantize_4bit(module.weight.data, state)
-        return bf.dequantize_4bit(module.weight.data, state).to(torch.float32)
-    scb = module.weight.SCB if getattr(module.weight, "SCB", None) is not None else module.state.SCB
-    return bf.int8_vectorwise_dequant(module.weight.data, scb).to(torch.float32)  # (out, in)
-
-
-def dequantize_linear(module: nn.Module) -> nn.Linear:
-    """An fp32 ``nn.Linear`` equal to what the quantized layer computes."""
-    weight = dequantize_weight(module)  # (out, in)
-    linear = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None, device=weight.device)
-    with torch.no_grad():
-        linear.weight.copy_(weight)
-        if module.bias is not None:
-            linear.bias.copy_(module.bias.to(torch.float32))
-    linear.requires_grad_(False)
-    linear.train(module.training)
-    return linear
-
-
-def quantized_bytes(numel: int, bits: int, double_quant: bool = True, rows: int = 1) -> int:
-    """Bytes a quantized weight of ``numel`` values occupies (packed data + scales)."""
-    if bits == 8:
-        return numel + 4 * rows
-    blocks = -(-numel // BLOCK)
-    scales = blocks + 4 * -(-blocks // 256) if double_quant else 4 * blocks  # uint8 + fp32 per 256, or fp32
-    return -(-numel // 2) + scales
-
-
 def quantize_base(model: nn.Module, config: QLoraConfig,
                   materialize: Callable[[str, nn.Linear], None] | None = None) -> list[str]:
     """Replace every linear layer except the output head (unless ``quantize_head``) by its quantized copy;
     store the other large frozen weights in ``base_dtype``. Returns the quantized layers' names.
 
     Layers are quantized one at a time, and the fp32 pages of a weight read from a memory-mapped
-    checkpoint are handed back to the OS as soon as its quantized copy exists (:func:`_release_file_pages`):
-    the whole fp32 checkpoint is never resident at once.
+    checkpoint are handed back to the OS as soon as its quantized copy exists
+    (:func:`peftkit.allocator.release_file_pages`): the whole fp32 checkpoint is never resident at once.
 
     Args:
         model: the model (CPU, or the meta device).
@@ -216,41 +144,56 @@ def quantize_base(model: nn.Module, config: QLoraConfig,
     """
     names = find_targets(model, "all-linear", config.exclude, accept=lambda m: isinstance(m, nn.Linear) or
                          type(m).__name__ == "Conv1D")
+    names = [n for n in names if not _kept_in_fp32(model, n)]
     head = _head_name(model) if config.quantize_head else None
     if head is not None and head not in names:
         names.append(head)
     for name in names:
-        module = model.get_submodule(name)
-        base = getattr(module, "base_layer", module)  # find_targets names a wrapped layer by its wrapper
-        if type(base).__name__ == "Conv1D":
-            raise ConfigError(f"QLoRA quantizes nn.Linear layers; {name!r} is a GPT-2 Conv1D (use lora for this model)")
-        if is_quantized(base):
-            _check_same_quantization(name, base, config)
-            continue
-        if base is not module:
-            raise ConfigError(f"module {name!r} is a {type(module).__name__} around an unquantized layer (an fp32 "
-                              "adapter, or a merged one): QLoRA cannot quantize under it; inject QLoRA first")
-        shared = name == head and _tied_to_input(model, module)
-        if name == head:
-            module = _own_linear(module)  # a tied head gets a weight of its own: the embedding stays as it is
-        if module.weight.is_meta and materialize is not None:
-            module = module.to_empty(device="cpu")
-            materialize(name, module)
-        if module.weight.is_meta:
-            module.weight.peftkit_stored_bytes = quantized_bytes(module.weight.numel(), config.bits,
-                                                                 config.double_quant, module.out_features)
-            module.weight.peftkit_quant_bits = config.bits
-            continue
-        weight = module.weight
-        replace_module(model, name, quantize_linear(module, config.bits, config.quant_type, config.double_quant))
-        del module
-        if not shared:  # the embedding still reads a tied head's pages
-            _release_file_pages(weight)
+        _quantize_layer(model, name, name == head, config, materialize)
     if config.base_dtype == "bf16":
         _store_in_bf16(model)
     _own_storage(model)
-    _trim_heap()
+    trim_heap()
     return names
+
+
+def _kept_in_fp32(model: nn.Module, name: str) -> bool:
+    """A layer the model class asks to keep in fp32 (transformers' ``_keep_in_fp32_modules``: T5's ``wo``, whose
+    forward casts its input to the weight's dtype); transformers' bitsandbytes loading leaves these unquantized too."""
+    keep = getattr(model, "_keep_in_fp32_modules", None) or []  # a transformers class attribute, None on most
+    return any(part in keep for part in name.split("."))
+
+
+def _quantize_layer(model: nn.Module, name: str, is_head: bool, config: QLoraConfig,
+                    materialize: Callable[[str, nn.Linear], None] | None) -> None:
+    """Replace layer ``name`` by its quantized copy (see :func:`quantize_base`); a meta weight without
+    ``materialize`` is only marked with the bytes it would store."""
+    module = model.get_submodule(name)
+    base = getattr(module, "base_layer", module)  # find_targets names a wrapped layer by its wrapper
+    if type(base).__name__ == "Conv1D":
+        raise ConfigError(f"QLoRA quantizes nn.Linear layers; {name!r} is a GPT-2 Conv1D (use lora for this model)")
+    if is_quantized(base):
+        _check_same_quantization(name, base, config)
+        return
+    if base is not module:
+        raise ConfigError(f"module {name!r} is a {type(module).__name__} around an unquantized layer (an fp32 "
+                          "adapter, or a merged one): QLoRA cannot quantize under it; inject QLoRA first")
+    shared = is_head and _tied_to_input(model, module)
+    if is_head:
+        module = _own_linear(module)  # a tied head gets a weight of its own: the embedding stays as it is
+    if module.weight.is_meta and materialize is not None:
+        module = module.to_empty(device="cpu")
+        materialize(name, module)
+    if module.weight.is_meta:
+        module.weight.peftkit_stored_bytes = quantized_bytes(module.weight.numel(), config.bits,
+                                                             config.double_quant, module.out_features)
+        module.weight.peftkit_quant_bits = config.bits
+        return
+    weight = module.weight
+    replace_module(model, name, quantize_linear(module, config.bits, config.quant_type, config.double_quant))
+    del module
+    if not shared:  # the embedding still reads a tied head's pages
+        release_file_pages(weight)
 
 
 def _check_same_quantization(name: str, layer: nn.Module, config: QLoraConfig) -> None:
@@ -287,76 +230,6 @@ def _own_linear(linear: nn.Linear) -> nn.Linear:
     return linear
 
 
-UPCAST_ROWS = 4096  # weight rows cast up at a time: 32 MB of fp32 for a 2048-wide head
-
-
-_SCRATCH = threading.local()
-
-
-def scratch(numel: int, device: torch.device) -> torch.Tensor:
-    """A flat fp32 buffer of ``numel`` values, reused by this thread on this device: a block of weight rows
-    (dequantized or cast up) is written here instead of a fresh allocation per block. The caller uses it before
-    asking again (:class:`RowBlockMatmul` consumes each block before the next)."""
-    buffers = _SCRATCH.__dict__.setdefault("buffers", {})
-    buf = buffers.get(device)
-    if buf is None or buf.numel() < numel:
-        buf = buffers[device] = torch.empty(numel, dtype=torch.float32, device=device)
-    return buf[:numel]
-
-
-class RowBlockMatmul(torch.autograd.Function):
-    """y = x·Wᵀ for x (M, in) and a frozen W (out, in) handed over a block of rows at a time, in forward and
-    again in backward (``blocks(dtype)`` yields ``(first row, W[rows] in dtype)``): at most one block exists in
-    the compute dtype, and nothing but ``blocks`` is kept for backward. Used for a bf16 head cast up
-    (:class:`LowPrecisionLinear`) and for 4-bit weights dequantized (``methods/_nf4.py``)."""
-
-    @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, blocks: Callable[[torch.dtype], Any], out_features: int) -> torch.Tensor:
-        ctx.blocks = blocks
-        out = x.new_empty(x.shape[0], out_features)  # (M, out)
-        for first, weight in blocks(x.dtype):
-            torch.mm(x, weight.T, out=out[:, first:first + weight.shape[0]])  # a column block of out (BLAS ldc)
-        return out
-
-    @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, None, None]:
-        if not ctx.needs_input_grad[0]:
-            return None, None, None
-        grad_x = None  # (M, in)
-        for first, weight in ctx.blocks(grad.dtype):
-            part = grad[:, first:first + weight.shape[0]]  # (M, n)
-            grad_x = part @ weight if grad_x is None else grad_x.addmm_(part, weight)
-        return grad_x, None, None
-
-
-def _upcast_blocks(weight: torch.Tensor) -> Callable[[torch.dtype], Any]:
-    """Blocks of ``UPCAST_ROWS`` rows of a low-precision ``weight``, cast to the asked dtype."""
-    def blocks(dtype: torch.dtype) -> Any:
-        for i in range(0, weight.shape[0], UPCAST_ROWS):
-            rows = weight[i:i + UPCAST_ROWS]  # (rows, in)
-            if dtype == torch.float32:
-                yield i, scratch(rows.numel(), rows.device).view(rows.shape).copy_(rows)
-            else:
-                yield i, rows.to(dtype)
-    return blocks
-
-
-class LowPrecisionLinear(nn.Linear):
-    """A frozen ``nn.Linear`` whose weight is stored in bf16 and computed in the input's dtype (QLoRA's
-    ``base_dtype: bf16`` output head). Same state dict as ``nn.Linear``; a tied weight stays tied."""
-
-    def __init__(self, linear: nn.Linear) -> None:
-        nn.Module.__init__(self)
-        self.in_features, self.out_features = linear.in_features, linear.out_features
-        self.weight, self.bias = linear.weight, linear.bias  # the same Parameters (ties kept)
-        self.train(linear.training)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        flat = x.reshape(-1, x.shape[-1])  # (M, in); F.linear(x, W.float()) would hold the whole fp32 copy
-        out = RowBlockMatmul.apply(flat, _upcast_blocks(self.weight), self.out_features).view(*x.shape[:-1], -1)
-        return out if self.bias is None else out + self.bias.to(out.dtype)
-
-
 def _embedding_output_fp32(module: nn.Module, args: Any, output: torch.Tensor) -> torch.Tensor:
     return output.to(torch.float32)
 
@@ -370,14 +243,14 @@ def _store_in_bf16(model: nn.Module) -> None:
         if isinstance(emb, nn.Embedding) and emb.weight.dtype == torch.float32:
             old = emb.weight.data
             emb.weight.data = old.to(torch.bfloat16)  # a tied head shares the Parameter: converted with it
-            _release_file_pages(old)
+            release_file_pages(old)
             del old
             emb.register_forward_hook(_embedding_output_fp32)
         if type(head) is nn.Linear:  # the whole base is frozen under QLoRA
             if head.weight.dtype == torch.float32:
                 old = head.weight.data
                 head.weight.data = old.to(torch.bfloat16)
-                _release_file_pages(old)
+                release_file_pages(old)
                 del old
             name = next(n for n, m in model.named_modules() if m is head)
             replace_module(model, name, LowPrecisionLinear(head))
@@ -395,72 +268,11 @@ def _own_storage(model: nn.Module) -> None:
             if is_quantized(module):
                 continue
             for key, p in list(module._parameters.items()) + list(module._buffers.items()):
-                if p is not None and p.device.type == "cpu" and not p.is_meta and _file_backed(p):
+                if p is not None and p.device.type == "cpu" and not p.is_meta and file_backed(p):
                     old = p.data
                     p.data = old.clone()
-                    _release_file_pages(old)
+                    release_file_pages(old)
                     del old
-
-
-def _trim_heap() -> None:
-    """Hand the freed quantization temporaries back to the OS (glibc's ``malloc_trim``; a no-op elsewhere).
-
-    bitsandbytes' CPU quantization of one layer allocates ~5x the layer's fp32 size in temporaries; glibc
-    keeps most of it once freed (measured on smollm2-135m: 869 MB resident after quantizing, 671 MB after
-    the trim), and that would sit under the whole training run.
-    """
-    if not sys.platform.startswith("linux"):
-        return
-    try:
-        ctypes.CDLL(None).malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc (musl has no malloc_trim)
-        pass
-
-
-# -- memory-mapped checkpoints ------------------------------------------------------------------------------
-_MADV_DONTNEED = 4
-_PAGE = 4096
-
-
-def _file_mappings() -> list[tuple[int, int]]:
-    """Address ranges of this process that map a file (Linux; empty elsewhere)."""
-    ranges = []
-    try:
-        with open("/proc/self/maps") as f:
-            for line in f:
-                parts = line.split(maxsplit=5)
-                if len(parts) == 6 and parts[5].strip().startswith("/") and parts[4] != "0":
-                    lo, hi = (int(x, 16) for x in parts[0].split("-"))
-                    ranges.append((lo, hi))
-    except OSError:
-        return []
-    return ranges
-
-
-def _file_backed(t: torch.Tensor) -> bool:
-    if not sys.platform.startswith("linux") or t.device.type != "cpu" or t.numel() == 0:
-        return False
-    ptr = t.untyped_storage().data_ptr()
-    return any(lo <= ptr < hi for lo, hi in _file_mappings())
-
-
-def _release_file_pages(t: torch.Tensor) -> None:
-    """Drop from this process's memory the pages of ``t`` that are mapped from a file (a safetensors
-    checkpoint), once a quantized copy has replaced it.
-
-    ``madvise(MADV_DONTNEED)`` on a file mapping only unmaps the pages: read again, they come back from
-    the file. Only pages lying wholly inside ``t`` are touched, and only when ``t`` is file-backed
-    (anonymous memory would be zeroed). Without this, the pages of every layer read while quantizing stay
-    resident until the last tensor viewing the file is freed: the whole fp32 checkpoint, at the peak.
-    """
-    if t.is_meta or not _file_backed(t):
-        return
-    start = -(-t.data_ptr() // _PAGE) * _PAGE
-    end = (t.data_ptr() + t.numel() * t.element_size()) // _PAGE * _PAGE
-    if end > start:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-        libc.madvise(start, end - start, _MADV_DONTNEED)
 
 
 @register("qlora", QLoraConfig, "QLoRA: LoRA (fp32) over a 4-bit NF4 (or 8-bit) quantized frozen base (mergeable to fp32)")
@@ -498,5 +310,4 @@ def load_qlora_adapter(model: nn.Module, path: str | os.PathLike, bits: int = 4,
     return model
 
 
-__all__ = ["LowPrecisionLinear", "RowBlockMatmul", "QLoraConfig", "QLoraLinear", "dequantize_linear", "dequantize_weight", "load_qlora_adapter",
-           "quantize_base", "quantize_linear", "quantized_bytes"]
+__all__ = ["QLoraConfig", "QLoraLinear", "load_qlora_adapter", "quantize_base"]

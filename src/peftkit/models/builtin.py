@@ -27,7 +27,7 @@ import sys
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal, get_args
 
 import torch
 
@@ -49,6 +49,9 @@ _AUTO_CLASSES = {
     "base": "AutoModel",  # the bare model: hidden states, e.g. for sentence embeddings
 }
 TASKS = tuple(_AUTO_CLASSES)
+#: what a run fine-tunes (``task`` of a run config): the model class above and the objective (peftkit.runs.tasks)
+TaskType = Literal["causal_lm", "seq_cls", "seq2seq"]
+TASK_TYPES: tuple[str, ...] = get_args(TaskType)
 # files one of which a folder's tokenizer is read from (fast tokenizer first, then the slow ones' vocabularies)
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt",
                     "spiece.model", "sentencepiece.bpe.model")

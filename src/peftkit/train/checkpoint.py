@@ -29,7 +29,13 @@ from safetensors.torch import load_file, save_file
 from peftkit.core.files import atomic_dir
 from peftkit.errors import PeftkitError
 from peftkit.train.distributed import (
-    SINGLE, Dist, full_trainable_params, load_optimizer_state, load_trainable, optimizer_state, rng_states,
+    SINGLE,
+    Dist,
+    full_trainable_params,
+    load_optimizer_state,
+    load_trainable,
+    optimizer_state,
+    rng_states,
 )
 
 _STEP_RE = re.compile(r"^step-(\d+)$")

@@ -266,7 +266,10 @@ def optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, d: Dist)
     state keyed by parameter name (collective)."""
     if d.mode != "fsdp":
         return {"format": "torch", "state": optimizer.state_dict()}
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_optimizer_state_dict,
+    )
 
     opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
     return {"format": "fqn", "state": get_optimizer_state_dict(model, optimizer, options=opts)}
@@ -283,7 +286,10 @@ def load_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, sav
     if fmt == "torch":
         optimizer.load_state_dict(saved["state"])
         return
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        set_optimizer_state_dict,
+    )
 
     set_optimizer_state_dict(model, optimizer, saved["state"], options=StateDictOptions(full_state_dict=True))
 
@@ -291,7 +297,10 @@ def load_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, sav
 def load_trainable(model: nn.Module, tensors: dict[str, torch.Tensor], d: Dist) -> None:
     """Copy full trainable tensors into ``model`` (sharding them under FSDP)."""
     if d.mode == "fsdp":
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            set_model_state_dict,
+        )
 
         set_model_state_dict(model, tensors, options=StateDictOptions(full_state_dict=True, strict=False))
         return
@@ -308,3 +317,10 @@ def rng_states(d: Dist) -> list[torch.Tensor]:
 
 __all__ = ["Dist", "MODES", "RankError", "SINGLE", "full_trainable_params", "launched_by_torchrun", "load_optimizer_state",
            "load_trainable", "local_value", "no_sync", "optimizer_state", "rng_states", "setup", "shard", "teardown", "wrap"]
+
+
+def local_slice(global_batch: Sequence[int], dist: Dist) -> tuple[list[int], float]:
+    """This rank's indices of a global batch and their weight; an empty slice (a short last batch)
+    becomes one example with weight 0, so the rank still joins the collectives of the step."""
+    mine = shard(global_batch, dist.rank, dist.world_size)
+    return (mine, 1.0) if mine else (list(global_batch[:1]), 0.0)

@@ -14,7 +14,7 @@ not (B, >= T, d)); the caller then gets full logits and knows from their shape. 
 positions (soft prompts) hands the head (B, N + T, d): the caller's tokens are the last T.
 
 The loss can also be taken without the model ever holding the logits (:class:`HeadCapture`, the default of
-:func:`peftkit.train.loop.lm_loss_sum`): the hook keeps the selected hidden states and hands the head nothing
+:func:`peftkit.train.loss.lm_loss_sum`): the hook keeps the selected hidden states and hands the head nothing
 (after a first-use check, see :class:`HeadCapture`); :func:`linear_cross_entropy_sum` then runs head and
 cross-entropy together, a chunk of positions at a time, and computes their gradients in the same pass (the
 loss is the last op, so its gradient is known in forward: backward only scales them). No (N, V) tensor
@@ -180,7 +180,8 @@ class HeadCapture:
         On first use, a model whose ``logits`` are not its head's output (remembered for ``model``, with a
         warning) gets the plain cross-entropy of those logits when the head ran on the whole selection.
         Returns None when the model's logits cannot give the loss (that check failed on a one-position probe,
-        or the logits are not what the head was given): the caller then runs the plain path.
+        or the logits are not what the head was given): the caller then takes the unfused path
+        (:func:`peftkit.train.loss.path_loss`).
         """
         if self.hidden is None or self.probe is None:
             return None
@@ -198,7 +199,7 @@ class HeadCapture:
                                            reduction="sum")  # (B*K, V) vs (B*K,): the forward's logits, reused
                 return None
         elif logits.shape[1] != 0:
-            return None  # not what the head was given: the caller takes the plain path
+            return None  # not what the head was given: the caller takes the unfused path
         keep = target != IGNORE  # (B, K): filler positions of rows with fewer labels need no head at all
         return linear_cross_entropy_sum(self.hidden[keep], self.head.weight, self.head.bias, target[keep])
 

@@ -9,8 +9,6 @@ step and the last good checkpoint (or skips the batch with ``train.on_nan=skip``
 
 from __future__ import annotations
 
-import contextlib
-import functools
 import json
 import math
 import signal
@@ -18,35 +16,48 @@ import threading
 import time
 import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
-from peftkit.core.config import MethodConfig
 from peftkit.core.files import atomic_dir, atomic_write_text
-from peftkit.data.collate import Example, batch_order, pack_batch, pad_batch, split_padded
-from peftkit.data.tokenize import IGNORE
-from peftkit.errors import PeftkitError
+from peftkit.data.collate import (
+    Example,
+    batch_order,
+    pack_batch,
+    split_padded,
+)
+from peftkit.errors import TrainingError
 from peftkit.train.checkpoint import (
-    CheckpointError, TrainState, checkpoint_dir, list_checkpoints, load_checkpoint, remove_stale, save_checkpoint,
+    CheckpointError,
+    TrainState,
+    checkpoint_dir,
+    list_checkpoints,
+    load_checkpoint,
+    remove_stale,
+    save_checkpoint,
     write_error_message,
 )
 from peftkit.train.compile import compile_blocks
 from peftkit.train.config import TrainConfig
-from peftkit.train.lm_head import HeadCapture, head_positions, labelled_positions
-from peftkit.train.shared_prefix import can_share, checked, shared_prefix_len, shared_prefix_logits
-from peftkit.train.distributed import SINGLE, Dist, full_trainable_params, is_sharded, local_value, no_sync, shard, wrap
-from peftkit.train.tracking import Tracker, current_memory_mb, peak_memory_mb
+from peftkit.train.distributed import (
+    SINGLE,
+    Dist,
+    full_trainable_params,
+    local_slice,
+    local_value,
+    no_sync,
+    wrap,
+)
+from peftkit.train.loss import LM_OBJECTIVE, Objective, evaluate_loss, objective_for
+from peftkit.train.optim import make_optimizer, make_scheduler
+from peftkit.train.precision import autocast, model_device
+from peftkit.train.tracking import NullTracker, Tracker, current_memory_mb, peak_memory_mb
 
 MAX_CONSECUTIVE_SKIPS = 10  # train.on_nan=skip gives up after this many bad steps in a row
-
-
-class TrainingError(PeftkitError):
-    """Training cannot go on (e.g. the loss became NaN)."""
 
 
 class TrainingInterrupted(KeyboardInterrupt):
@@ -58,243 +69,6 @@ class TrainingInterrupted(KeyboardInterrupt):
     def __init__(self, message: str, exit_code: int = 130) -> None:
         super().__init__(message)
         self.exit_code = exit_code
-
-
-def resolve_precision(precision: str, device: torch.device) -> str:
-    """``auto`` -> ``bf16`` where the device computes bf16 natively, else ``fp32``; others unchanged."""
-    if precision == "auto":
-        return "bf16" if native_bf16(device) else "fp32"
-    return precision
-
-
-def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
-    precision = resolve_precision(precision, device)
-    if precision == "bf16":
-        if not native_bf16(device):
-            warnings.warn("precision=bf16 on a CPU without native bf16 (no AVX512-BF16/AMX): matmuls are emulated and "
-                          "far slower than fp32 here (measured 0.3 vs 120 GFLOP/s); use train.precision=fp32", stacklevel=2)
-        return torch.autocast(device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
-@functools.cache
-def native_bf16(device: torch.device) -> bool:
-    """Does this device compute bf16 matmuls in hardware?"""
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    probe = getattr(torch.cpu, "_is_avx512_bf16_supported", None), getattr(torch.cpu, "_is_amx_tile_supported", None)
-    if device.type == "cpu" and all(callable(f) for f in probe):  # oneDNN's own check (any OS)
-        return any(f() for f in probe)
-    try:
-        flags = Path("/proc/cpuinfo").read_text().split()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
-def model_device(model: nn.Module) -> torch.device:
-    return next(model.parameters()).device
-
-
-def lm_loss_sum(model: nn.Module, batch: dict[str, torch.Tensor], labelled_only: bool = True,
-                share_prefix: bool = True, fused_loss: bool = True) -> tuple[torch.Tensor, int]:
-    """Summed next-token cross-entropy over labelled positions, and how many there were.
-
-    Args:
-        labelled_only: run the LM head only at each row's labelled positions (see
-            :mod:`peftkit.train.lm_head`): the same loss, without the head's work and fp32 logits elsewhere.
-        share_prefix: run the leading tokens every row shares once for the batch (see
-            :mod:`peftkit.train.shared_prefix`): the same loss, checked once per model.
-        fused_loss: with ``labelled_only``, run the head and the cross-entropy together by chunks of positions,
-            gradients made in the same pass (:func:`peftkit.train.lm_head.linear_cross_entropy_sum`): the same
-            loss without (N, V) logits, where the head is a plain ``nn.Linear`` whose output the model returns
-            and the run is not distributed (elsewhere, e.g. an adapted or quantized head, the plain loss;
-            ``train.fused_loss=false`` turns it off).
-    """
-    labels = batch["labels"]
-    inputs = {k: v for k, v in batch.items() if k != "labels"}
-    target = labels[:, 1:]  # (B, T-1): token t is predicted from position t-1
-    n = int((target != IGNORE).sum())
-    prefix = shared_prefix_len(batch) if share_prefix and labelled_only else 0
-    if prefix and can_share(model):
-        # the first-use check runs on the two rows with the most labels: cheap, and still a shared prefix
-        rows = (target != IGNORE).sum(dim=1).topk(2).indices.sort().values
-        two, two_target = {k: v[rows] for k, v in inputs.items()}, target[rows]
-        n_two = int((two_target != IGNORE).sum())
-        if checked(model, lambda: (_plain_loss_sum(model, two, two_target, True, fused_loss), n_two),
-                   lambda: (_prefix_loss_sum(model, two, two_target, prefix, fused_loss), n_two)):
-            return _prefix_loss_sum(model, inputs, target, prefix, fused_loss), n
-    return _plain_loss_sum(model, inputs, target, labelled_only, fused_loss), n
-
-
-def _plain_loss_sum(model: nn.Module, inputs: dict[str, torch.Tensor], target: torch.Tensor,
-                    labelled_only: bool, fused_loss: bool = True) -> torch.Tensor:
-    """One model call over the whole batch; the head only at labelled positions when it can follow that."""
-    seq = target.shape[1] + 1
-    if labelled_only:
-        index, picked = labelled_positions(target)  # (B, K) each
-        capture = HeadCapture.for_model(model) if fused_loss else None
-        with head_positions(model, index, seq, capture) as applied:
-            logits = model(**inputs, use_cache=False).logits  # (B, K|1|0, V) if captured, (B, K, V) if applied, else (B, T, V)
-        if capture is not None and capture.hidden is not None:
-            loss = capture.loss_sum(model, logits, picked)  # a failed first-use check reuses these logits
-            # None: the logits cannot give the loss (a failed check on a (B, 1) probe, or a model that changed
-            # what its head returns after the check): the plain path, once per model
-            return loss if loss is not None else _plain_loss_sum(model, inputs, target, labelled_only, False)
-        if applied[0] and logits.shape[1] == index.shape[1]:
-            return _cross_entropy_sum(logits, picked)
-        if logits.shape[1] != seq:  # the model did something the selection cannot follow
-            return _plain_loss_sum(model, inputs, target, labelled_only=False)
-    else:
-        logits = model(**inputs, use_cache=False).logits  # (B, T, V)
-    # full logits: shift the labels rather than slicing the (big) logits, which would copy them
-    return _cross_entropy_sum(logits, F.pad(target, (0, 1), value=IGNORE))
-
-
-def _prefix_loss_sum(model: nn.Module, inputs: dict[str, torch.Tensor], target: torch.Tensor, prefix: int,
-                     fused_loss: bool = True) -> torch.Tensor:
-    index, picked = labelled_positions(target)  # (B, K), labelled positions all >= prefix
-    capture = HeadCapture.for_model(model) if fused_loss else None
-    logits, selected = shared_prefix_logits(model, inputs, prefix, index.clamp(min=prefix), capture)  # fillers: any position
-    if capture is not None and capture.hidden is not None:
-        loss = capture.loss_sum(model, logits, picked)  # None: as in _plain_loss_sum
-        return loss if loss is not None else _prefix_loss_sum(model, inputs, target, prefix, False)
-    if selected:
-        return _cross_entropy_sum(logits, picked)  # (B, K, V) vs (B, K)
-    return _cross_entropy_sum(logits, F.pad(target, (0, 1), value=IGNORE)[:, prefix:])  # (B, T-P, V)
-
-
-def _cross_entropy_sum(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy(logits.flatten(0, 1).float(), target.flatten(), ignore_index=IGNORE, reduction="sum")
-
-
-def lm_label_count(batch: dict[str, torch.Tensor]) -> int:
-    """How many positions :func:`lm_loss_sum` sums over (labels after the shift)."""
-    return int((batch["labels"][:, 1:] != IGNORE).sum())
-
-
-@dataclass(frozen=True)
-class Objective:
-    """What the loop minimises, chosen by the *task* (causal LM, classification, seq2seq), never by the method.
-
-    Attributes:
-        loss_sum: ``(model, batch) -> (summed loss, count)``; the loop divides by the count over the whole step.
-        count: how many items ``loss_sum`` sums over in a batch (known before the forward: for gradient accumulation).
-        collate: ``(examples, pad_id) -> batch`` of tensors.
-    """
-
-    loss_sum: Callable[[nn.Module, dict[str, torch.Tensor]], tuple[torch.Tensor, int]]
-    count: Callable[[dict[str, torch.Tensor]], int]
-    collate: Callable[[Sequence[Example], int], dict[str, torch.Tensor]] = pad_batch
-
-
-def _next_token_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
-    return lm_loss_sum(model, batch)  # looked up when called, so a patched lm_loss_sum is the one used
-
-
-def _next_token_loss_unfused(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
-    return lm_loss_sum(model, batch, fused_loss=False)  # also looked up when called
-
-
-LM_OBJECTIVE = Objective(_next_token_loss, lm_label_count)  # next-token prediction: every causal LM run
-LM_OBJECTIVE_UNFUSED = Objective(_next_token_loss_unfused, lm_label_count)  # train.fused_loss=false
-
-
-def objective_for(objective: Objective, cfg: TrainConfig) -> Objective:
-    """The objective a run of ``cfg`` trains with: next-token prediction follows ``train.fused_loss``."""
-    return LM_OBJECTIVE_UNFUSED if objective is LM_OBJECTIVE and not cfg.fused_loss else objective
-
-
-def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
-    params = [p for p in model.parameters() if p.requires_grad]
-    if not params:
-        raise TrainingError("the model has no trainable parameters")
-    decay = [p for p in params if p.ndim >= 2]
-    no_decay = [p for p in params if p.ndim < 2]  # biases and norms: no weight decay
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    lr = cfg.lr if cfg.lr is not None else MethodConfig.default_lr  # a RunConfig sets the method's own
-    groups = [g for g in groups if g["params"]]
-    if cfg.optimizer != "adamw":
-        bnb_optimizer = _bnb_optimizer(cfg.optimizer, params[0].device)
-        if bnb_optimizer is not None:
-            return bnb_optimizer(groups, lr=lr)
-    return torch.optim.AdamW(groups, lr=lr, fused=fused_adamw_ok(params))
-
-
-def fused_adamw_ok(params: Sequence[torch.Tensor]) -> bool:
-    """Whether torch's fused AdamW (one kernel over all tensors) can run: plain CPU/CUDA float tensors.
-
-    Fused does the for-loop update's arithmetic (same results to float rounding), several times faster
-    on a full model's parameters; it is also the Trainer's default. Sharded (FSDP) parameters keep the loop.
-    """
-    floats = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-    return all(p.device.type in ("cpu", "cuda") and p.dtype in floats and not is_sharded(p) for p in params)
-
-
-def _bnb_optimizer(name: str, device: torch.device) -> Callable[..., torch.optim.Optimizer] | None:
-    """bitsandbytes' 8-bit (paged) AdamW class on CUDA; elsewhere None, after a one-line note."""
-    if device.type == "cuda":
-        try:
-            import bitsandbytes as bnb
-
-            return bnb.optim.PagedAdamW8bit if name == "paged_adamw_8bit" else bnb.optim.AdamW8bit
-        except ImportError:
-            reason = "bitsandbytes is not installed"
-    else:
-        reason = f"they need CUDA with bitsandbytes (this run is on {device.type})"
-    warnings.warn(f"train.optimizer={name}: 8-bit/paged optimizer states skipped, {reason}; using torch AdamW",
-                  stacklevel=3)
-    return None
-
-
-def make_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig) -> torch.optim.lr_scheduler.LambdaLR:
-    warm, total = cfg.warmup_steps, cfg.max_steps
-
-    def factor(step: int) -> float:
-        if step < warm:
-            return (step + 1) / (warm + 1)
-        progress = (step - warm) / max(1, total - warm)
-        if cfg.schedule == "cosine":
-            return 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
-        if cfg.schedule == "linear":
-            return max(0.0, 1 - progress)
-        return 1.0
-
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-
-
-@torch.no_grad()
-def evaluate_loss(model: nn.Module, examples: Sequence[Example], batch_size: int, pad_id: int, precision: str = "fp32",
-                  dist: Dist = SINGLE, objective: Objective = LM_OBJECTIVE) -> float:
-    """Mean per-token loss on ``examples`` (per example for classification: see ``objective``), model put in
-    eval mode, then restored.
-
-    Distributed: each rank scores its slice of every global batch (``batch_size`` x ranks) and the sums
-    are all-reduced, so every rank returns the same value and runs the same number of forwards.
-    """
-    was_training = model.training
-    model.eval()
-    device = dist.device if dist.active else model_device(model)
-    total, count = 0.0, 0.0
-    order = sorted(range(len(examples)), key=lambda i: len(examples[i]["input_ids"]))
-    step = batch_size * dist.world_size
-    for s in range(0, len(order), step):
-        mine, weight = local_slice(order[s:s + step], dist)
-        batch = {k: v.to(device) for k, v in objective.collate([examples[i] for i in mine], pad_id).items()}
-        with autocast(device, precision):
-            loss, n = objective.loss_sum(model, batch)
-        total += float(loss) * weight
-        count += n * weight
-    total, count = dist.all_reduce_sum([total, count])
-    model.train(was_training)
-    return total / max(count, 1)
-
-
-def local_slice(global_batch: Sequence[int], dist: Dist) -> tuple[list[int], float]:
-    """This rank's indices of a global batch and their weight; an empty slice (a short last batch)
-    becomes one example with weight 0, so the rank still joins the collectives of the step."""
-    mine = shard(global_batch, dist.rank, dist.world_size)
-    return (mine, 1.0) if mine else (list(global_batch[:1]), 0.0)
 
 
 class StopSignal:
@@ -360,13 +134,60 @@ class RssMarks:
                 "rss_growth_percent": None if growth is None else round(growth, 1)}
 
 
-class NullTracker:
-    """What ranks other than 0 log to: nothing."""
+@dataclass
+class LogWindow:
+    """The steps since the last logged one: their mean loss and tokens per second are what gets logged."""
 
-    def log(self, step: int, metrics: dict[str, Any]) -> None: ...
-    def advance(self, step: int) -> None: ...
-    def print(self, message: str) -> None: ...
-    def close(self) -> None: ...
+    loss_sum: float = 0.0  # sum of the steps' mean losses
+    tokens: float = 0.0  # tokens the steps saw (padding excluded)
+    steps: int = 0
+    start: float = field(default_factory=time.perf_counter)
+
+
+@dataclass
+class Batching:
+    """How training examples become batches: the run's ``data:`` settings and the tokenizer's pad id.
+
+    Attributes:
+        pad_id: padding token id.
+        packing: concatenate examples into rows of ``max_length`` tokens (``batch_size`` rows a batch).
+        group_by_length: batches of examples of similar length (less padding).
+        max_length: the length of a packed row.
+        split_padding: run a padded batch as sub-batches of similar-length rows when that computes fewer
+            padded tokens (:func:`peftkit.data.collate.split_padded`); the step's loss and gradients are the same.
+    """
+
+    pad_id: int
+    packing: bool = False
+    group_by_length: bool = True
+    max_length: int = 256
+    split_padding: bool = True
+
+
+@dataclass
+class Wiring:
+    """What the run around the loop plugs into it.
+
+    Attributes:
+        output_dir: where metrics and checkpoints go (written by rank 0 only).
+        export: writes the model's deliverable (e.g. the adapter) into a folder; used for checkpoints
+            and the best-so-far copy.
+        objective: the task's loss and batching (default: next-token prediction).
+        dist: the process group (default: a plain single-process run). ``batch_size`` is per rank.
+        batch_order: ``epoch -> global batches`` of indices into the training data, deterministic in the epoch
+            (resume replays it); default: shuffled, length-grouped epochs. Multi-task runs mix tasks here.
+        val_sets: named validation sets (one per task): each is logged as ``eval_loss/<name>`` and
+            ``eval_loss`` is their mean; the trainer's ``val_data`` is then only checked for being non-empty.
+        show_progress: a progress bar (default: when stderr is a terminal; else plain lines).
+    """
+
+    output_dir: Path
+    export: Callable[[Path], None] | None = None
+    objective: Objective = LM_OBJECTIVE
+    dist: Dist = field(default_factory=lambda: SINGLE)
+    batch_order: Callable[[int], list[list[int]]] | None = None
+    val_sets: dict[str, Sequence[Example]] | None = None
+    show_progress: bool | None = None
 
 
 def enable_gradient_checkpointing(model: nn.Module) -> None:
@@ -388,50 +209,18 @@ class Trainer:
         model: a model with its trainable parameters already chosen (by a method or not).
         train_data / val_data: tokenized examples (``input_ids``, ``labels``).
         cfg: optimisation settings.
-        pad_id: padding token id.
-        output_dir: where metrics and checkpoints go (written by rank 0 only).
-        export: writes the model's deliverable (e.g. the adapter) into a folder; used for checkpoints
-            and the best-so-far copy.
-        packing / group_by_length / max_length: batching options.
-        dist: the process group (default: a plain single-process run). ``batch_size`` is per rank.
-        objective: the task's loss and batching (default: next-token prediction).
-        batch_order: ``epoch -> global batches`` of indices into ``train_data``, deterministic in the epoch
-            (resume replays it); default: shuffled, length-grouped epochs. Multi-task runs mix tasks here.
-        val_sets: named validation sets (one per task): each is logged as ``eval_loss/<name>`` and
-            ``eval_loss`` is their mean; ``val_data`` is then only checked for being non-empty.
-        split_padding: run a padded batch as sub-batches of similar-length rows when that computes fewer
-            padded tokens (:func:`peftkit.data.collate.split_padded`); the step's loss and gradients are the same.
+        batching: how examples become batches (pad id, packing, length grouping).
+        wiring: what the run plugs in: output folder, export, objective, process group, multi-task order.
     """
 
-    def __init__(
-        self,
-        model: nn.Module,
-        train_data: Sequence[Example],
-        val_data: Sequence[Example],
-        cfg: TrainConfig,
-        pad_id: int,
-        output_dir: Path,
-        export: Callable[[Path], None] | None = None,
-        packing: bool = False,
-        group_by_length: bool = True,
-        max_length: int = 256,
-        show_progress: bool | None = None,
-        dist: Dist = SINGLE,
-        objective: Objective = LM_OBJECTIVE,
-        batch_order: Callable[[int], list[list[int]]] | None = None,
-        val_sets: dict[str, Sequence[Example]] | None = None,
-        split_padding: bool = True,
-    ) -> None:
+    def __init__(self, model: nn.Module, train_data: Sequence[Example], val_data: Sequence[Example],
+                 cfg: TrainConfig, batching: Batching, wiring: Wiring) -> None:
         if not train_data:
             raise TrainingError("the training set is empty")
         self.model, self.train_data, self.val_data, self.cfg = model, list(train_data), list(val_data), cfg
-        self.pad_id, self.output_dir, self.export = pad_id, Path(output_dir), export
-        self.packing, self.group_by_length, self.max_length = packing, group_by_length, max_length
-        self.show_progress = show_progress
-        self.dist = dist
-        self.objective = objective_for(objective, cfg)
-        self.split_padding = split_padding
-        self.batch_order, self.val_sets = batch_order, val_sets
+        self.batching, self.wiring, dist = batching, wiring, wiring.dist
+        self.output_dir, self.export, self.dist = Path(wiring.output_dir), wiring.export, dist
+        self.objective = objective_for(wiring.objective, cfg)
         if cfg.compile:
             compile_blocks(model)
         self.net = wrap(model, dist)  # what forward/backward go through (DDP, FSDP or the model)
@@ -452,14 +241,14 @@ class Trainer:
         trains on the examples the k-times larger batch would; a short last step is padded with empty
         micro-batches (skipped) so that every step starts at a multiple of k.
         """
-        size = self.cfg.batch_size * self.dist.world_size
-        budget = size * self.max_length if self.packing else None
-        if self.batch_order is not None:
-            return self.batch_order(epoch)
+        size, b = self.cfg.batch_size * self.dist.world_size, self.batching
+        budget = size * b.max_length if b.packing else None
+        if self.wiring.batch_order is not None:
+            return self.wiring.batch_order(epoch)
         k = self.cfg.grad_accum
-        if k == 1 or self.packing:
-            return batch_order(self.lengths, size, self.cfg.seed, epoch, self.group_by_length, budget)
-        steps = batch_order(self.lengths, size * k, self.cfg.seed, epoch, self.group_by_length)
+        if k == 1 or b.packing:
+            return batch_order(self.lengths, size, self.cfg.seed, epoch, b.group_by_length, budget)
+        steps = batch_order(self.lengths, size * k, self.cfg.seed, epoch, b.group_by_length)
         micro = [[step[s:s + size] for s in range(0, len(step), size)] for step in steps]
         return [b for m in micro for b in m + [[]] * (k - len(m))]
 
@@ -477,7 +266,8 @@ class Trainer:
         mine, weight = local_slice(self._batches[s.batch_in_epoch], self.dist)
         s.batch_in_epoch += 1
         examples = [self.train_data[i] for i in mine]
-        batch = pack_batch(examples, self.pad_id) if self.packing else self.objective.collate(examples, self.pad_id)
+        pad_id = self.batching.pad_id
+        batch = pack_batch(examples, pad_id) if self.batching.packing else self.objective.collate(examples, pad_id)
         return {k: v.to(self.device) for k, v in batch.items()}, weight
 
     # -- loop --------------------------------------------------------------------------------
@@ -492,13 +282,13 @@ class Trainer:
         cfg = self.cfg
         if resume_from is not None:
             self._resume(resume_from)
-        self.tracker = NullTracker()
+        self.tracker: Tracker | NullTracker = NullTracker()
         self.dist.run_on_main(self._open_output)
         self._batches = self._epoch_batches(self.state.epoch)
         if cfg.gradient_checkpointing:
             enable_gradient_checkpointing(self.model)
         self.model.train()
-        self._window = [0.0, 0.0, 0, time.perf_counter()]  # loss sum, tokens, steps, start time
+        self._window = LogWindow()
         self._bad_in_row = 0
         self.rss = RssMarks(warmup_step(cfg.max_steps, self.state.step))
         try:
@@ -518,7 +308,7 @@ class Trainer:
         try:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             remove_stale(self.output_dir)
-            self.tracker = Tracker(self.output_dir, self.cfg.max_steps, self.state.step, self.show_progress)
+            self.tracker = Tracker(self.output_dir, self.cfg.max_steps, self.state.step, self.wiring.show_progress)
         except OSError as e:
             raise CheckpointError(f"cannot write to output_dir {self.output_dir}: {e.strerror or e}") from None
 
@@ -536,7 +326,8 @@ class Trainer:
         """One optimizer step (or a skipped bad batch); returns the signal number if asked to stop."""
         cfg, dist = self.cfg, self.dist
         micro = [m for m in (self._next_batch() for _ in range(cfg.grad_accum)) if m is not None]
-        if self.split_padding and not self.packing:  # long rows apart: less padding, the same sums
+        packing = self.batching.packing
+        if self.batching.split_padding and not packing:  # long rows apart: less padding, the same sums
             micro = [(sub, weight) for batch, weight in micro for sub in split_padded(batch)]
         n_local = sum(self.objective.count(b) * w for b, w in micro)
         n_total = max(dist.all_reduce_sum([n_local])[0] if dist.active else n_local, 1)
@@ -550,7 +341,7 @@ class Trainer:
                 loss.backward()
             loss_local += float(loss_sum.detach()) * weight / n_total
             tokens += weight * int(batch["input_ids"].numel())
-            seen += weight * int(batch["input_ids"].numel() if self.packing else batch["attention_mask"].sum())
+            seen += weight * int(batch["input_ids"].numel() if packing else batch["attention_mask"].sum())
         step_loss, stop_votes, tokens, seen = dist.all_reduce_sum([loss_local, float(stop.signum or 0), tokens, seen])
         bad = None if math.isfinite(step_loss) else f"loss became {step_loss}"
         if bad is None and cfg.max_grad_norm > 0:
@@ -585,22 +376,22 @@ class Trainer:
 
     def _after_step(self, step_loss: float, seen_tokens: float) -> None:
         cfg, s, w = self.cfg, self.state, self._window
-        w[0] += step_loss
-        w[1] += seen_tokens
-        w[2] += 1
+        w.loss_sum += step_loss
+        w.tokens += seen_tokens
+        w.steps += 1
         self.tracker.advance(s.step)
         rss = self.rss.after_step(s.step, cfg.max_steps, self.device)
         if s.step % cfg.log_every == 0 or s.step == cfg.max_steps:
-            elapsed = time.perf_counter() - w[3]
+            elapsed = time.perf_counter() - w.start
             self.tracker.log(s.step, {
-                "loss": w[0] / w[2],
+                "loss": w.loss_sum / w.steps,
                 "lr": self.scheduler.get_last_lr()[0],
-                "tokens_per_s": w[1] / max(elapsed, 1e-9),
+                "tokens_per_s": w.tokens / max(elapsed, 1e-9),
                 "epoch": s.epoch,
                 "peak_memory_mb": round(peak_memory_mb(self.device), 1),
                 "rss_mb": round(rss, 1),
             })
-            self._window = [0.0, 0.0, 0, time.perf_counter()]
+            self._window = LogWindow()
         last_step = s.step == cfg.max_steps
         if self.val_data and ((cfg.eval_every and s.step % cfg.eval_every == 0) or last_step):
             self._evaluate()
@@ -621,14 +412,15 @@ class Trainer:
                                   f"saved to {path}; continue with --resume", 128 + signum)
 
     def _evaluate(self) -> None:
-        if self.val_sets:  # one loss per task; their mean ranks checkpoints (each task counts the same)
-            per_task = {f"eval_loss/{name}": evaluate_loss(self.model, data, self.cfg.batch_size, self.pad_id,
+        pad_id = self.batching.pad_id
+        if self.wiring.val_sets:  # one loss per task; their mean ranks checkpoints (each task counts the same)
+            per_task = {f"eval_loss/{name}": evaluate_loss(self.model, data, self.cfg.batch_size, pad_id,
                                                            self.cfg.precision, self.dist, self.objective)
-                        for name, data in self.val_sets.items() if data}
+                        for name, data in self.wiring.val_sets.items() if data}
             loss = sum(per_task.values()) / len(per_task)
             self.tracker.log(self.state.step, {"eval_loss": loss, **per_task})
         else:
-            loss = evaluate_loss(self.model, self.val_data, self.cfg.batch_size, self.pad_id, self.cfg.precision,
+            loss = evaluate_loss(self.model, self.val_data, self.cfg.batch_size, pad_id, self.cfg.precision,
                                  self.dist, self.objective)
             self.tracker.log(self.state.step, {"eval_loss": loss})
         s = self.state

@@ -12,7 +12,14 @@ from typing import Any
 
 import torch
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 
 
 def peak_memory_mb(device: torch.device | None = None) -> float:
@@ -110,6 +117,15 @@ class Tracker:
         self.progress.stop()
         if self._tb is not None:
             self._tb.close()
+
+
+class NullTracker:
+    """What ranks other than 0 log to (and any rank before its output folder is open): nothing."""
+
+    def log(self, step: int, metrics: dict[str, Any]) -> None: ...
+    def advance(self, step: int) -> None: ...
+    def print(self, message: str) -> None: ...
+    def close(self) -> None: ...
 
 
 def progress_line(step: int, total: int, metrics: dict[str, Any], start_step: int, elapsed: float) -> str:

@@ -6,7 +6,7 @@ import pytest
 
 from peftkit.cli.main import main
 from peftkit.errors import ConfigError
-from peftkit.eval.compare import load_compare_config
+from peftkit.runs.compare import load_compare_config
 
 
 def write_config(tmp_path, model_dir):

@@ -36,9 +36,8 @@ prefix all examples share (a batch shares at least that much), counted only when
 ``peftkit memory`` measures it on a seeded sample of the same examples (the first ``SAMPLE_EXAMPLES`` of the
 training order) when the tokenizer and data can be read, and otherwise (or with ``--no-data``) assumes rows of
 ``data.max_length`` tokens, a quarter of them labelled (all with ``data.train_on_prompt`` or plain text) and no
-shared prefix: an upper bound for short-answer data (smollm2-135m + LoRA on rotten-tomatoes, batch 8 x 128:
-2.70 GB assumed; 1.58 GB measured on the 16 examples of a 2-step run that peaked at 1.42-1.51 GB; 1.95 GB on a
-2000-example sample, for a whole run).
+shared prefix: an upper bound for short-answer data (figures in BENCHMARKS.md, "Where the memory predictor's
+constants come from").
 
 ``runtime`` is the resident size of the Python + torch + transformers + peftkit stack before any model
 is loaded (measured: :func:`measure_runtime_mb`).
@@ -47,7 +46,6 @@ is loaded (measured: :func:`measure_runtime_mb`).
 from __future__ import annotations
 
 import dataclasses
-import os
 import random
 import re
 import subprocess
@@ -59,40 +57,29 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from peftkit.train.config import RunConfig
+from peftkit.allocator import glibc_heap_keeps_freed_memory
+from peftkit.runs.config import RunConfig
 
 MB = 2**20
-#: RSS of ``import torch, transformers, datasets`` + peftkit's training modules, measured with
-#: :func:`measure_runtime_mb` on the reference machine (torch 2.13 CPU, transformers 5.23): 420 MB.
-#: The tokenizer and the data fit in what that probe over-counts (a tiny-model run peaked at 556 MB
-#: with ~150 MB of logits).
+# Each constant below is a measurement; the figures and how they were taken are in BENCHMARKS.md, "Where the
+# memory predictor's constants come from".
+#: RSS of ``import torch, transformers, datasets`` + peftkit's training modules (:func:`measure_runtime_mb`)
 RUNTIME_MB = 420.0
-#: what bitsandbytes adds to the process of a quantized base (QLoRA). Its import alone adds ~110 MB to a fresh
-#: stack, but partly into memory freed after loading: measured on smollm2-135m, a QLoRA process's resident base
-#: (everything but weights, before the first step) was 45-60 MB above a LoRA process's.
+#: what bitsandbytes adds to the process of a quantized base (QLoRA)
 BITSANDBYTES_MB = 60.0
-#: bitsandbytes' CPU quantization of one layer allocates ~5.4x the layer's fp32 size in temporaries (measured:
-#: +238 MB peak for a 2048 x 5632 layer, 44 MB in fp32); with the fp32 layer itself, ~6x. peftkit quantizes a
-#: block of rows (``_nf4.BLOCK_BYTES`` of fp32) at a time, so the temporaries are ~5x one block.
+#: bitsandbytes' CPU quantization temporaries of one block of rows, with the fp32 block itself, in block sizes
 QUANTIZE_TRANSIENT = 6
-#: what glibc's heap holds beyond the live tensors, as a share of the activations. A step frees its activations in
-#: another order than it made them, and glibc (whose mmap threshold rises to 32 MB once a large block is freed)
-#: serves nearly all of them from a heap that fragments and keeps what it once held. Measured on smollm2-135m,
-#: batch 8 (peak RSS under glibc's defaults minus the peak with ``MALLOC_MMAP_THRESHOLD_=131072``, which returns
-#: freed blocks at once): after 6-10 steps 0.47 x activations (LoRA q/v), 0.59 (LoRA, every linear layer), 0.71
-#: (QLoRA); ~0.25-0.45 after 1-2 steps. Fixing the threshold in ``peftkit train`` was measured and rejected: the
-#: page faults of fresh mmapped blocks made steps 40-80% slower on this machine.
+#: what glibc's heap holds beyond the live tensors, as a share of the activations (freed out of order, kept)
 ALLOCATOR_SLACK = 0.5
 #: the same for a quantized base's dequantized fp32 copies (each quantized weight twice a step), as a share of
-#: their total size; copies above glibc's largest mmap threshold (32 MB) are mmapped and handed back at once.
-#: Measured: QLoRA's slack was ~100 MB above LoRA-on-every-linear's on smollm2-135m (425 MB of such copies).
+#: their total size; copies above glibc's largest mmap threshold (32 MB) are mmapped and handed back at once
 DEQUANT_SLACK = 0.25
 _MMAP_THRESHOLD_MAX = 32 * MB  # glibc on 64-bit
 #: training examples ``peftkit memory`` encodes to measure the batch shape (~1 s with a fast tokenizer)
 SAMPLE_EXAMPLES = 2000
 
 _LAYER_RE = re.compile(r"\.(?:layers|h|layer|block)\.(\d+)\.")
-_PROBE = "import torch, transformers, datasets, peftkit.train.run, peftkit.cli.commands; " \
+_PROBE = "import torch, transformers, datasets, peftkit.runs.run, peftkit.cli.commands; " \
          "from peftkit.train.tracking import peak_memory_mb; print(peak_memory_mb())"
 
 
@@ -245,7 +232,7 @@ def data_shape(cfg: RunConfig, model: nn.Module, limit: int = SAMPLE_EXAMPLES) -
     from peftkit.data.template import Template
     from peftkit.errors import PeftkitError
     from peftkit.models import resolve_model
-    from peftkit.train.tasks import get_task
+    from peftkit.runs.tasks import get_task
 
     try:
         tokenizer = AutoTokenizer.from_pretrained(resolve_model(cfg.model), local_files_only=True,
@@ -253,7 +240,7 @@ def data_shape(cfg: RunConfig, model: nn.Module, limit: int = SAMPLE_EXAMPLES) -
         task = get_task(cfg.task)
         splits = task.load_splits(cfg)
         rows = list(splits.train)
-        random.Random(cfg.train.seed).shuffle(rows)  # as train/run.py does for data.max_train_examples
+        random.Random(cfg.train.seed).shuffle(rows)  # as runs/run.py does for data.max_train_examples
         rows = rows[: min(cfg.data.max_train_examples or limit, limit)]
         examples = task.encode(Template.create(tokenizer, cfg.data.template, splits.format), tokenizer, rows,
                                cfg, splits).examples
@@ -278,7 +265,7 @@ def build_meta_model(cfg: RunConfig) -> nn.Module:
 
     hf_config = AutoConfig.from_pretrained(resolve_model(cfg.model), local_files_only=True,
                                            trust_remote_code=cfg.trust_remote_code)
-    from peftkit.train.tasks import model_from_config
+    from peftkit.runs.tasks import model_from_config
 
     try:
         with torch.device("meta"):
@@ -304,13 +291,13 @@ def predict_memory(cfg: RunConfig, model: nn.Module | None = None, shape: BatchS
     model = build_meta_model(cfg) if model is None else model
     weights, trainable, frozen, grad_bytes = _parameter_bytes(model)
     checkpoint = 4 * (trainable + frozen)  # load_model reads fp32
-    method = cfg.method_config()
+    method = cfg.method
     hf = model.config
     n_layers = int(getattr(hf, "num_hidden_layers", 1))
     first = _first_trainable_layer(model, n_layers)
     keep = n_layers - first
-    virtual = int(getattr(method, "num_virtual_tokens", 0) or 0)
-    prefix_kind = getattr(method, "kind", None) if virtual else None  # soft prompts: "embeddings" or "prefix"
+    virtual = method.virtual_tokens
+    prefix_kind = method.virtual_token_kind if virtual else None  # soft prompts: "embeddings" or "prefix"
     shape = assumed_shape(cfg) if shape is None else shape
     t = shape.width + (virtual if virtual and prefix_kind != "prefix" else 0)
     if shape.shared_prefix and t > shape.width:  # an embedding soft prompt is part of the shared prefix
@@ -347,15 +334,6 @@ def predict_memory(cfg: RunConfig, model: nn.Module | None = None, shape: BatchS
                            labelled=shape.labelled, shared_prefix=shape.shared_prefix, data=shape.source)
 
 
-def glibc_heap_keeps_freed_memory() -> bool:
-    """Whether this process's freed memory is kept by glibc's heap (the ``allocator`` term): not when
-    ``MALLOC_MMAP_THRESHOLD_`` hands freed blocks back, nor when another allocator is preloaded (jemalloc, which
-    returns freed pages after a delay: its measured peaks were at or below the prediction without the term)."""
-    from peftkit.allocator import preloaded
-
-    return "MALLOC_MMAP_THRESHOLD_" not in os.environ and preloaded() is None
-
-
 def _unique_parameters(model: nn.Module) -> list[nn.Parameter]:
     return list({id(p): p for p in model.parameters()}.values())
 
@@ -378,9 +356,17 @@ def _quantized_sizes(model: nn.Module) -> list[tuple[int, int]]:
             sizes.append((_logical_numel(p), 4))
         elif isinstance(getattr(p, "SCB", None), torch.Tensor):
             sizes.append((_logical_numel(p), 8))
-        elif getattr(p, "peftkit_stored_bytes", None) is not None:
-            sizes.append((_logical_numel(p), getattr(p, "peftkit_quant_bits", 4)))
+        elif (marked := marked_storage(p)) is not None:
+            sizes.append((_logical_numel(p), marked[1]))
     return sizes
+
+
+def marked_storage(p: torch.Tensor | None) -> tuple[int, int] | None:
+    """``(bytes, bits)`` a meta weight is marked to take once stored quantized (QLoRA's ``quantize_base`` tags it
+    with ``peftkit_stored_bytes`` and ``peftkit_quant_bits``); None for a tensor without the tag. The one reader
+    of the tag."""
+    stored = getattr(p, "peftkit_stored_bytes", None)
+    return None if stored is None else (int(stored), int(getattr(p, "peftkit_quant_bits", 4)))
 
 
 def _dequantized_copies(quantized: list[tuple[int, int]]) -> tuple[int, int]:
@@ -394,7 +380,7 @@ def _dequantized_copies(quantized: list[tuple[int, int]]) -> tuple[int, int]:
     measured on smollm2-135m, where every weight fits one block): it still held after blocks came in (QLoRA's
     peak there did not move), so it is kept as measured.
     """
-    from peftkit.methods.qlora import BLOCK
+    from peftkit.methods.quantize import BLOCK
 
     block_bytes = _nf4_block_bytes()
     transient = churned = 0
@@ -406,10 +392,10 @@ def _dequantized_copies(quantized: list[tuple[int, int]]) -> tuple[int, int]:
 
 
 def _nf4_block_bytes() -> int:
-    try:
-        from peftkit.methods._nf4 import BLOCK_BYTES
-    except ImportError:  # bitsandbytes missing: the prediction is for a machine that has it
-        return 4 * MB
+    from peftkit.methods._row_blocks import (
+        BLOCK_BYTES,  # no bitsandbytes needed: predicted for a machine with it
+    )
+
     return BLOCK_BYTES
 
 
@@ -433,9 +419,9 @@ def _parameter_bytes(model: nn.Module) -> tuple[int, int, int, int]:
 
 def _stored_bytes(p: torch.Tensor) -> int:
     """Bytes a parameter occupies, including a quantized weight's scales (``quant_state``)."""
-    declared = getattr(p, "peftkit_stored_bytes", None)
-    if declared is not None:  # a meta weight that a method will store quantized (QLoRA)
-        return int(declared)
+    marked = marked_storage(p)
+    if marked is not None:  # a meta weight that a method will store quantized (QLoRA)
+        return marked[0]
     n = p.numel() * p.element_size()
     state = getattr(p, "quant_state", None)
     if state is not None:  # bitsandbytes 4-bit: absmax (uint8 when double-quantized) + its own scales
@@ -594,7 +580,7 @@ def fused_loss_applies(cfg: RunConfig, model: nn.Module) -> bool:
     if getattr(config, "final_logit_softcapping", None):  # e.g. Gemma 2: the check finds it and keeps the plain loss
         return False
     head = output_head(model)
-    marked = getattr(getattr(head, "weight", None), "peftkit_stored_bytes", None) is not None  # quantized on meta (QLoRA)
+    marked = marked_storage(getattr(head, "weight", None)) is not None  # quantized on meta (QLoRA)
     return type(head) is nn.Linear and not marked
 
 

@@ -2,7 +2,7 @@ import pytest
 
 from peftkit.errors import ConfigError
 from peftkit.methods.lora import LoraConfig
-from peftkit.train.config import RunConfig, apply_override, load_config
+from peftkit.runs.config import RunConfig, apply_override, load_config
 
 
 def test_defaults_and_overrides(tmp_path):
@@ -80,7 +80,7 @@ def test_shipped_examples_are_valid(name):
 def test_demo_matches_shipped_example():
     from pathlib import Path
 
-    from peftkit.demo import demo_config
+    from peftkit.runs.demo import demo_config
 
     example = load_config(Path(__file__).parents[2] / "examples" / "lora-rotten-tomatoes.yaml")
     demo = demo_config(example.output_dir, example.train.max_steps)
@@ -92,3 +92,16 @@ def test_demo_matches_shipped_example():
 def test_lr_defaults_to_the_methods_own(method: str, lr: float) -> None:
     assert load_config(None, [f"method.name={method}"]).train.lr == lr
     assert load_config(None, [f"method.name={method}", "train.lr=0.5"]).train.lr == 0.5
+
+
+def test_method_is_resolved_once_and_round_trips_through_yaml(tmp_path):
+    from peftkit.runs.config import dump_config, resume_changes
+
+    cfg = load_config(None, ["method.name=ia3", "method.init=random"])
+    assert cfg.method_config() is cfg.method and cfg.method.method_name == "ia3"
+    assert cfg.train.lr == cfg.method.default_lr == 1e-2  # train.lr: null is the method's own
+    path = tmp_path / "c.yaml"
+    path.write_text(dump_config(cfg))
+    again = load_config(path)
+    assert again == cfg and resume_changes(cfg, again) == ({}, {})
+    assert RunConfig(method={"name": "lora", "r": 4}).method == LoraConfig(r=4)  # a mapping given in code

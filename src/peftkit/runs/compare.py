@@ -22,7 +22,8 @@ import torch.nn as nn
 from peftkit.core.config import from_dict, to_dict
 from peftkit.core.files import atomic_write_text
 from peftkit.errors import ConfigError
-from peftkit.train.config import DataConfig, RunConfig, TrainConfig, apply_override, read_yaml_mapping
+from peftkit.runs.config import DataConfig, RunConfig, apply_override, read_yaml_mapping
+from peftkit.train.config import TrainConfig
 
 
 @dataclass
@@ -96,8 +97,8 @@ def compare(cfg: CompareConfig, log=print) -> dict[str, Any]:
     """Train and score every run (skipping finished ones), then write the report files."""
     from peftkit.eval.tasks import evaluate
     from peftkit.models import load_model
+    from peftkit.runs.run import SUMMARY, train_run
     from peftkit.train.checkpoint import list_checkpoints
-    from peftkit.train.run import SUMMARY, train_run
 
     runs = cfg.run_configs()
     out = Path(cfg.output_dir)
@@ -177,7 +178,7 @@ def _latency(model: nn.Module, tok: Any, cfg: CompareConfig, repeats: int = 3) -
     from peftkit.data.collate import pad_batch
     from peftkit.data.load import load_splits
     from peftkit.data.template import Template
-    from peftkit.train.loop import model_device
+    from peftkit.train.precision import model_device
 
     splits = load_splits(cfg.data.train, test=cfg.data.test, seed=0)
     tmpl = Template.create(tok, cfg.data.template, splits.format)

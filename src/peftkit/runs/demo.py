@@ -16,8 +16,8 @@ from peftkit.core.io import load_adapter
 from peftkit.data.template import Template
 from peftkit.eval.generate import generate
 from peftkit.eval.tasks import evaluate_classification
-from peftkit.train.config import RunConfig, load_config
-from peftkit.train.run import train_run
+from peftkit.runs.config import RunConfig, load_config
+from peftkit.runs.run import train_run
 
 DEMO_OVERRIDES = [
     "model=smollm2-135m",

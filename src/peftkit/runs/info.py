@@ -29,11 +29,11 @@ def count_for_config(config: str | None, overrides: list[str] = ()) -> str:
 
     from peftkit.core.adapter import count_parameters
     from peftkit.models import resolve_model
-    from peftkit.train.config import load_config
+    from peftkit.runs.config import load_config
 
     cfg = load_config(config, overrides)
     hf_config = AutoConfig.from_pretrained(resolve_model(cfg.model), local_files_only=True)
-    from peftkit.train.tasks import model_from_config
+    from peftkit.runs.tasks import model_from_config
 
     with torch.device("meta"):
         model = model_from_config(cfg, hf_config)  # the run's task class (a seq_cls head trains too)

@@ -1,5 +1,5 @@
 """Multi-task runs: ``data.tasks`` turned into one training set, a task-mixing batch order, and one
-validation set per task (what :func:`peftkit.train.run.train_run` hands the trainer).
+validation set per task (what :func:`peftkit.runs.run.train_run` hands the trainer).
 
 Each task brings its own data, format, template and instruction; the trainer sees one concatenated list
 of tokenized examples (task ``t`` at ``offsets[t]:offsets[t] + sizes[t]``) and a batch order from
@@ -21,7 +21,7 @@ from peftkit.data.mixture import MixedOrder, SequentialOrder, with_instruction
 from peftkit.data.template import Template
 from peftkit.data.tokenize import Encoded, encode_all
 from peftkit.errors import ConfigError, DataError, PeftkitError
-from peftkit.train.config import RunConfig, TaskConfig
+from peftkit.runs.config import RunConfig, TaskConfig
 
 
 @dataclass
@@ -178,7 +178,7 @@ def task_test_metrics(model: nn.Module, tokenizer: Any, cfg: RunConfig, log=prin
 
 
 def _default_name(train: str) -> str:
-    from peftkit.train.config import _default_task_name
+    from peftkit.runs.config import _default_task_name
 
     return _default_task_name(train)
 

@@ -9,9 +9,9 @@ import pytest
 from safetensors.torch import load_file
 
 from peftkit.errors import ConfigError
-from peftkit.train.config import load_config
+from peftkit.runs.config import load_config
+from peftkit.runs.run import train_run
 from peftkit.train.loop import Trainer
-from peftkit.train.run import train_run
 
 COLORS = [("grass", "green"), ("sky", "blue"), ("snow", "white"), ("coal", "black")]
 COLOR_ROWS = [{"instruction": f"Say the color of {w}", "input": "", "output": c} for w, c in COLORS] * 6
@@ -67,13 +67,12 @@ def test_mixed_run_logs_per_task_eval_loss_equal_to_evaluating_each_task_alone(t
     without native bf16 emulates it, slowly but the same numbers)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    import peftkit.train.loop as loop
-
+    import peftkit.train.precision as precision
     from peftkit.core.io import load_adapter
-    from peftkit.train.loop import evaluate_loss
-    from peftkit.train.multitask import build_tasks
+    from peftkit.runs.multitask import build_tasks
+    from peftkit.train.loss import evaluate_loss
 
-    monkeypatch.setattr(loop, "native_bf16", lambda device: native_bf16)
+    monkeypatch.setattr(precision, "native_bf16", lambda device: native_bf16)
     out = tmp_path / "run"
     cfg = load_config(None, overrides(tiny_lm_dir, task_files, out))
     assert cfg.train.precision == "auto"

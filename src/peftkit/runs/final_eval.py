@@ -13,8 +13,8 @@ import torch.nn as nn
 
 from peftkit.core.files import atomic_write_text
 from peftkit.errors import PeftkitError
+from peftkit.runs.config import RunConfig
 from peftkit.train.checkpoint import CheckpointError, write_error_message
-from peftkit.train.config import RunConfig
 
 TASK_METRICS = "task_metrics.json"
 FORGETTING = "forgetting.json"
@@ -50,7 +50,7 @@ def _guard(what: str, log: Callable[[str], Any], fn: Callable[[], dict[str, Any]
 
 def _task_metrics(cfg: RunConfig, model: nn.Module, tokenizer: Any, out: Path,
                   log: Callable[[str], Any]) -> dict[str, Any]:
-    from peftkit.train.multitask import task_test_metrics
+    from peftkit.runs.multitask import task_test_metrics
 
     metrics = task_test_metrics(model, tokenizer, cfg, log)
     _write(out / TASK_METRICS, metrics, out)
