@@ -48,15 +48,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from _common import (  # noqa: E402
-    alternate,
-    machine,
-    median,
-    peak_rss_mb,
-    reset_peak,
-    rss_mb,
-    worker_main,
-)
+from _common import alternate, machine, median, peak_rss_mb, reset_peak, rss_mb, worker_main  # noqa: E402
 
 SCRIPT = Path(__file__).resolve()
 PARTS = ("matmul", "step", "gen", "real")

@@ -25,12 +25,12 @@ import torch
 
 import peftkit
 from peftkit.core.adapter import disable_adapters, set_active
-from peftkit.methods.lora_combine import combine_adapters
 from peftkit.core.files import atomic_write_text
 from peftkit.data.builtin import general_text_path
 from peftkit.data.template import Template, user_example
 from peftkit.eval.generate import generate
-from peftkit.eval.tasks import evaluate, perplexity
+from peftkit.eval.scoring import evaluate, perplexity
+from peftkit.methods.lora_combine import combine_adapters
 from peftkit.models import load_model
 from peftkit.runs.config import load_config
 from peftkit.runs.run import train_run

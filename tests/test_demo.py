@@ -10,7 +10,6 @@ from pathlib import Path
 
 import pytest
 
-
 STEPS = 30  # issue #16: long enough for memory kept per batch shape to show (the demo grew 1.4 -> 2.2 GB by step 16
 # under jemalloc with pages never returned), short enough for the suite
 

@@ -20,13 +20,7 @@ from peftkit.core.combine import COMBINATIONS, check_adapter_files, load_sources
 from peftkit.core.identity import SIDECAR_NAME
 from peftkit.errors import AdapterFileError, ConfigError
 from peftkit.methods.lora import LoraLayer
-from peftkit.methods.lora_combine import (
-    combine_adapters,
-    low_rank,
-    magnitude_trim,
-    random_drop,
-    ties_merge,
-)
+from peftkit.methods.lora_combine import combine_adapters, low_rank, magnitude_trim, random_drop, ties_merge
 from tests.tiny import make_tiny, perturb_adapters
 
 ATOL = 1e-5

@@ -11,7 +11,7 @@ import peftkit
 from peftkit.data.builtin import general_text_path
 from peftkit.errors import PeftkitError
 from peftkit.eval.forgetting import default_tasks, forgetting_report, format_report
-from peftkit.eval.tasks import perplexity
+from peftkit.eval.scoring import perplexity
 from tests.tiny import perturb_adapters
 
 TOKENS = 96
@@ -86,7 +86,7 @@ def test_task_accuracy_before_and_after_matches_evaluate(tiny_lm, monkeypatch):
 
     import peftkit.data.builtin as builtin
     from peftkit.core.adapter import disable_adapters
-    from peftkit.eval.tasks import evaluate
+    from peftkit.eval.scoring import evaluate
 
     monkeypatch.setattr(builtin, "load_builtin", functools.cache(builtin.load_builtin))  # read the corpus once
     model, tok = tiny_lm

@@ -2,16 +2,7 @@ import math
 
 import pytest
 
-from peftkit.eval.metrics import (
-    accuracy,
-    bleu,
-    chrf,
-    exact_match,
-    generation_metrics,
-    normalize,
-    rouge,
-    token_f1,
-)
+from peftkit.eval.metrics import accuracy, bleu, chrf, exact_match, generation_metrics, normalize, rouge, token_f1
 
 
 def test_accuracy_and_exact_match():

@@ -5,12 +5,12 @@ import json
 
 import pytest
 
-import peftkit.eval.tasks as tasks
+import peftkit.eval.scoring as tasks
 from peftkit.data.load import TEST_FRACTION, load_splits
 from peftkit.data.template import reference
 from peftkit.errors import DataError
 from peftkit.eval.icl import draw_shots
-from peftkit.eval.tasks import evaluate
+from peftkit.eval.scoring import evaluate
 
 
 def chat_row(i: int) -> dict:

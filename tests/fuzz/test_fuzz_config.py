@@ -14,7 +14,7 @@ from peftkit.cli.main import main
 from peftkit.errors import ConfigError
 from peftkit.runs.config import DataConfig, RunConfig, dump_config, load_config
 from peftkit.train.config import TrainConfig
-from tests.fuzz.common import FUZZ, fresh_dir, assert_cli_error, run_cli, succeeds_or_clean_error
+from tests.fuzz.common import FUZZ, assert_cli_error, fresh_dir, run_cli, succeeds_or_clean_error
 
 SECTIONS = {"data": list(DataConfig.__dataclass_fields__), "train": list(TrainConfig.__dataclass_fields__),
             "method": ["name", "r", "alpha", "dropout", "target_modules", "exclude", "layers", "init", "bias", "rank_pattern"]}

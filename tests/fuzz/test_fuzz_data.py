@@ -15,7 +15,7 @@ from peftkit.data.load import load_file
 from peftkit.data.template import Template
 from peftkit.data.tokenize import encode_all
 from peftkit.errors import DataError
-from tests.fuzz.common import FUZZ, fresh_dir, assert_cli_error, run_cli, succeeds_or_clean_error
+from tests.fuzz.common import FUZZ, assert_cli_error, fresh_dir, run_cli, succeeds_or_clean_error
 
 KEYS = ["instruction", "input", "output", "system", "messages", "prompt", "completion", "text", "role", "content", "extra"]
 text = st.text(st.characters(codec=None), max_size=40)  # any code point, lone surrogates included

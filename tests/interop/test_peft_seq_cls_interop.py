@@ -20,7 +20,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForSequenceClassification
 
 import peftkit
-from peftkit.runs.tasks import with_head
+from peftkit.runs.task_types import with_head
 from tests.tiny import _ids
 
 HEAD = {"bert": "classifier", "llama": "score"}

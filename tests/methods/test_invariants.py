@@ -21,18 +21,18 @@ import torch.nn as nn
 import peftkit
 from peftkit.core.adapter import AdapterLayer, adapter_parameters
 from peftkit.core.config import MethodConfig
+from peftkit.errors import PeftkitError
+from peftkit.methods.bitfit import BitFitConfig
 from peftkit.methods.bottleneck import BottleneckConfig
 from peftkit.methods.dora import DoraConfig
+from peftkit.methods.full import FullConfig
 from peftkit.methods.ia3 import IA3Config
+from peftkit.methods.linear_probe import LinearProbeConfig
 from peftkit.methods.llama_adapter import LlamaAdapterConfig
 from peftkit.methods.p_tuning import PTuningConfig
 from peftkit.methods.prefix_tuning import PrefixTuningConfig
 from peftkit.methods.prompt_tuning import PromptTuningConfig
 from peftkit.methods.qlora import QLoraConfig, load_qlora_adapter
-from peftkit.errors import PeftkitError
-from peftkit.methods.bitfit import BitFitConfig
-from peftkit.methods.full import FullConfig
-from peftkit.methods.linear_probe import LinearProbeConfig
 from peftkit.methods.selective import SelectiveConfig
 from tests.tiny import KINDS, Tiny, adapter_layer_names, make_tiny, perturb_adapters, weights
 

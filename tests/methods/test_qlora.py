@@ -17,13 +17,7 @@ import peftkit
 from peftkit.core.adapter import adapter_parameters
 from peftkit.errors import ConfigError
 from peftkit.methods.qlora import QLoraConfig, load_qlora_adapter
-from peftkit.methods.quantize import (
-    BLOCK,
-    dequantize_weight,
-    is_quantized,
-    quantize_linear,
-    quantized_bytes,
-)
+from peftkit.methods.quantize import BLOCK, dequantize_weight, is_quantized, quantize_linear, quantized_bytes
 from tests.tiny import Tiny, perturb_adapters
 
 # NF4 code values (Dettmers et al. 2023, appendix E): the widest gap is between -1 and -0.6962

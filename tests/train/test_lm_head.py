@@ -11,11 +11,7 @@ import peftkit
 from peftkit.data.collate import pack_batch, pad_batch
 from peftkit.data.tokenize import IGNORE
 from peftkit.train import lm_head
-from peftkit.train.lm_head import (
-    head_positions,
-    labelled_positions,
-    linear_cross_entropy_sum,
-)
+from peftkit.train.lm_head import head_positions, labelled_positions, linear_cross_entropy_sum
 from peftkit.train.loss import lm_loss_sum
 from tests.tiny import VOCAB, build_gpt2, build_llama, perturb_adapters
 

@@ -17,7 +17,7 @@ from peftkit.eval.generate import generate
 from peftkit.models.load import detect_task, load_for_eval
 from peftkit.runs.config import load_config
 from peftkit.runs.run import prepare, train_run
-from peftkit.runs.tasks import encode_seq2seq
+from peftkit.runs.task_types import encode_seq2seq
 from peftkit.train.loop import Batching, Trainer, Wiring
 from peftkit.train.loss import SEQ2SEQ_OBJECTIVE, evaluate_loss, seq2seq_collate
 from tests.tiny_text import t5_folder

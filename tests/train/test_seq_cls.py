@@ -17,11 +17,11 @@ import peftkit
 from peftkit.cli.main import main
 from peftkit.errors import ConfigError
 from peftkit.eval.heads import predict_classes
-from peftkit.eval.tasks import evaluate
+from peftkit.eval.scoring import evaluate
 from peftkit.models.load import LABELS_FILE, detect_task, load_for_eval
 from peftkit.runs.config import load_config
 from peftkit.runs.run import prepare, train_run
-from peftkit.runs.tasks import with_head
+from peftkit.runs.task_types import with_head
 from peftkit.train.loss import cls_collate, cls_loss_sum
 from tests.tiny_text import bert_folder
 

@@ -9,9 +9,9 @@ import torch
 import torch.nn as nn
 
 import peftkit
+import peftkit.train.loop as loop
 import peftkit.train.loss as loss_mod
 import peftkit.train.optim as optim
-import peftkit.train.loop as loop
 import peftkit.train.precision as prec
 from peftkit.core.config import ConfigError
 from peftkit.data.template import Template

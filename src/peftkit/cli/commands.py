@@ -89,7 +89,7 @@ def _generate(sub: Any) -> None:
 def run_generate(args: argparse.Namespace) -> int:
     from peftkit.data.template import Template, user_example
     from peftkit.eval.generate import generate
-    from peftkit.eval.tasks import load_model_with_adapter
+    from peftkit.eval.scoring import load_model_with_adapter
 
     _check_generation_args(args)  # before the model is loaded
     model, tok = load_model_with_adapter(_model(args), args.adapter, strict_base=args.strict_base)
@@ -214,7 +214,7 @@ def _eval(sub: Any) -> None:
 
 
 def run_eval(args: argparse.Namespace) -> int:
-    from peftkit.eval.tasks import evaluate, load_model_with_adapter
+    from peftkit.eval.scoring import evaluate, load_model_with_adapter
 
     _check_eval_args(args)  # before the model is loaded
     model, tok = load_model_with_adapter(_model(args), args.adapter, strict_base=args.strict_base)

@@ -17,12 +17,7 @@ import torch.nn as nn
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from peftkit.core.adapter import (
-    DEFAULT_ADAPTER,
-    adapter_layers,
-    adapter_parameters,
-    get_state,
-)
+from peftkit.core.adapter import DEFAULT_ADAPTER, adapter_layers, adapter_parameters, get_state
 from peftkit.core.files import atomic_dir
 from peftkit.core.identity import check_base, write_identity
 from peftkit.core.inject import inject

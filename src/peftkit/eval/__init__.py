@@ -1,7 +1,7 @@
 """Evaluation: metrics, classification by label likelihood or by head, generation, in-context baselines, forgetting.
 
 The choice of what ``peftkit eval --task`` scores is declared here (no torch import) for the CLI and
-:func:`peftkit.eval.tasks.evaluate` alike.
+:func:`peftkit.eval.scoring.evaluate` alike.
 """
 
 from __future__ import annotations

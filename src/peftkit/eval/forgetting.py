@@ -108,7 +108,7 @@ def _in_place_adapters(model: nn.Module) -> list[str]:
 
 def _scores(model: nn.Module, tokenizer: Any, tasks: Sequence[str], text: Path, max_tokens: int, max_examples: int,
             template: str, seed: int, window: int, max_new_tokens: int) -> dict[str, dict[str, Any]]:
-    from peftkit.eval.tasks import evaluate, perplexity
+    from peftkit.eval.scoring import evaluate, perplexity
 
     ppl = perplexity(model, tokenizer, str(text), window=window, stride=window, max_tokens=max_tokens)
     out = {f"perplexity/{text.stem}": {"metric": "perplexity", "data": str(text), "value": ppl["perplexity"],

@@ -9,9 +9,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from peftkit.data.classification import (
-    load_classification,
-)
+from peftkit.data.classification import load_classification
 from peftkit.data.collate import pad_batch
 from peftkit.models.load import model_labels
 from peftkit.train.precision import autocast, model_device

@@ -35,12 +35,7 @@ import torch
 from bitsandbytes.functional import get_ptr
 from bitsandbytes.nn.modules import fix_4bit_weight_quant_state_from_module
 
-from peftkit.methods._row_blocks import (
-    RowBlockMatmul,
-    block_absmax,
-    block_rows,
-    scratch,
-)
+from peftkit.methods._row_blocks import RowBlockMatmul, block_absmax, block_rows, scratch
 
 
 def dequantized_blocks(packed: torch.Tensor, quant_state: Any, dtype: torch.dtype) -> Iterator[tuple[int, torch.Tensor]]:

@@ -37,12 +37,7 @@ from peftkit.core.adapter import AdapterLayer
 from peftkit.core.config import ConfigError, MethodConfig, check, from_dict
 from peftkit.core.inject import wrap_modules
 from peftkit.core.registry import register
-from peftkit.core.targeting import (
-    TargetSpec,
-    find_targets,
-    is_linear_like,
-    name_matches,
-)
+from peftkit.core.targeting import TargetSpec, find_targets, is_linear_like, name_matches
 
 # (attention modules, FFN modules) per model family, as regexes over whole module names.
 FAMILY_MODULES: dict[str, tuple[str, str]] = {

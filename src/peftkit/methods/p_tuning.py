@@ -29,13 +29,7 @@ import torch.nn as nn
 
 from peftkit.core.config import ConfigError, check
 from peftkit.core.registry import register
-from peftkit.methods._soft_prompt import (
-    EMBEDDINGS,
-    Geometry,
-    PromptSource,
-    SoftPromptConfig,
-    attach_soft_prompt,
-)
+from peftkit.methods._soft_prompt import EMBEDDINGS, Geometry, PromptSource, SoftPromptConfig, attach_soft_prompt
 from peftkit.methods.prompt_tuning import TokenInit
 
 

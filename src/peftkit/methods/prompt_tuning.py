@@ -22,13 +22,7 @@ import torch.nn as nn
 
 from peftkit.core.config import ConfigError, check
 from peftkit.core.registry import register
-from peftkit.methods._soft_prompt import (
-    EMBEDDINGS,
-    Geometry,
-    PromptTable,
-    SoftPromptConfig,
-    attach_soft_prompt,
-)
+from peftkit.methods._soft_prompt import EMBEDDINGS, Geometry, PromptTable, SoftPromptConfig, attach_soft_prompt
 
 Init = Literal["random", "vocab", "text"]
 

@@ -19,11 +19,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from peftkit.methods._row_blocks import (
-    RowBlockMatmul,
-    block_rows,
-    scratch,
-)
+from peftkit.methods._row_blocks import RowBlockMatmul, block_rows, scratch
 
 BLOCK = 64  # weights per NF4 scale (bitsandbytes' CPU default)
 def is_quantized(module: nn.Module) -> bool:

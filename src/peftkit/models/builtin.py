@@ -49,7 +49,7 @@ _AUTO_CLASSES = {
     "base": "AutoModel",  # the bare model: hidden states, e.g. for sentence embeddings
 }
 TASKS = tuple(_AUTO_CLASSES)
-#: what a run fine-tunes (``task`` of a run config): the model class above and the objective (peftkit.runs.tasks)
+#: what a run fine-tunes (``task`` of a run config): the model class above and the objective (peftkit.runs.task_types)
 TaskType = Literal["causal_lm", "seq_cls", "seq2seq"]
 TASK_TYPES: tuple[str, ...] = get_args(TaskType)
 # files one of which a folder's tokenizer is read from (fast tokenizer first, then the slow ones' vocabularies)

@@ -11,12 +11,7 @@ import os
 from pathlib import Path
 
 from peftkit.core.adapter import set_active
-from peftkit.core.combine import (
-    SignMethod,
-    check_adapter_files,
-    check_options,
-    load_sources,
-)
+from peftkit.core.combine import SignMethod, check_adapter_files, check_options, load_sources
 from peftkit.core.files import refuse_overlap
 from peftkit.core.inject import unload
 from peftkit.core.io import save_adapter

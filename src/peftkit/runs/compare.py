@@ -95,7 +95,7 @@ def load_compare_config(path: str | Path | None, overrides: list[str] = ()) -> C
 
 def compare(cfg: CompareConfig, log=print) -> dict[str, Any]:
     """Train and score every run (skipping finished ones), then write the report files."""
-    from peftkit.eval.tasks import evaluate
+    from peftkit.eval.scoring import evaluate
     from peftkit.models import load_model
     from peftkit.runs.run import SUMMARY, train_run
     from peftkit.train.checkpoint import list_checkpoints
@@ -142,7 +142,7 @@ def _test_args(cfg: CompareConfig) -> dict[str, Any]:
 
 def _score_run(run_cfg: RunConfig, cfg: CompareConfig, evaluate, log=print) -> dict[str, Any]:
     from peftkit.core.inject import merge
-    from peftkit.eval.tasks import load_model_with_adapter
+    from peftkit.eval.scoring import load_model_with_adapter
 
     summary = json.loads((Path(run_cfg.output_dir) / "run_summary.json").read_text())
     adapter = Path(summary["adapter"])
@@ -166,7 +166,7 @@ def _forgetting(model: nn.Module, tok: Any, settings: EvalSettings) -> float | N
     if not settings.forgetting_tokens:
         return None
     from peftkit.data.builtin import general_text_path
-    from peftkit.eval.tasks import perplexity
+    from peftkit.eval.scoring import perplexity
 
     return perplexity(model, tok, str(general_text_path()), window=256, stride=256,
                       max_tokens=settings.forgetting_tokens)["perplexity"]

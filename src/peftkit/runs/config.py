@@ -14,13 +14,7 @@ from typing import Any, Literal, get_args
 
 import yaml
 
-from peftkit.core.config import (
-    MethodConfig,
-    check,
-    from_dict,
-    method_from_dict,
-    to_dict,
-)
+from peftkit.core.config import MethodConfig, check, from_dict, method_from_dict, to_dict
 from peftkit.data.builtin import SPLITS
 from peftkit.data.formats import FORMATS
 from peftkit.data.template import ChatLoss, TemplateKind

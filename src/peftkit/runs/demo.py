@@ -15,7 +15,7 @@ from peftkit.core.files import atomic_write_text
 from peftkit.core.io import load_adapter
 from peftkit.data.template import Template
 from peftkit.eval.generate import generate
-from peftkit.eval.tasks import evaluate_classification
+from peftkit.eval.scoring import evaluate_classification
 from peftkit.runs.config import RunConfig, load_config
 from peftkit.runs.run import train_run
 

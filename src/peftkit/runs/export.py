@@ -27,7 +27,7 @@ def merge_to_folder(model_name: str, adapter: str, out: str | Path, dtype: str =
 
     ``strict_base``: refuse an adapter recorded as trained on other base weights (default: warn).
     """
-    from peftkit.eval.tasks import load_model_with_adapter
+    from peftkit.eval.scoring import load_model_with_adapter
 
     if dtype not in DTYPES:
         raise ConfigError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")

@@ -33,7 +33,7 @@ def count_for_config(config: str | None, overrides: list[str] = ()) -> str:
 
     cfg = load_config(config, overrides)
     hf_config = AutoConfig.from_pretrained(resolve_model(cfg.model), local_files_only=True)
-    from peftkit.runs.tasks import model_from_config
+    from peftkit.runs.task_types import model_from_config
 
     with torch.device("meta"):
         model = model_from_config(cfg, hf_config)  # the run's task class (a seq_cls head trains too)

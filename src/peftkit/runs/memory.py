@@ -232,7 +232,7 @@ def data_shape(cfg: RunConfig, model: nn.Module, limit: int = SAMPLE_EXAMPLES) -
     from peftkit.data.template import Template
     from peftkit.errors import PeftkitError
     from peftkit.models import resolve_model
-    from peftkit.runs.tasks import get_task
+    from peftkit.runs.task_types import get_task
 
     try:
         tokenizer = AutoTokenizer.from_pretrained(resolve_model(cfg.model), local_files_only=True,
@@ -265,7 +265,7 @@ def build_meta_model(cfg: RunConfig) -> nn.Module:
 
     hf_config = AutoConfig.from_pretrained(resolve_model(cfg.model), local_files_only=True,
                                            trust_remote_code=cfg.trust_remote_code)
-    from peftkit.runs.tasks import model_from_config
+    from peftkit.runs.task_types import model_from_config
 
     try:
         with torch.device("meta"):
@@ -392,9 +392,7 @@ def _dequantized_copies(quantized: list[tuple[int, int]]) -> tuple[int, int]:
 
 
 def _nf4_block_bytes() -> int:
-    from peftkit.methods._row_blocks import (
-        BLOCK_BYTES,  # no bitsandbytes needed: predicted for a machine with it
-    )
+    from peftkit.methods._row_blocks import BLOCK_BYTES  # no bitsandbytes needed: predicted for a machine with it
 
     return BLOCK_BYTES
 

@@ -154,7 +154,7 @@ def task_test_metrics(model: nn.Module, tokenizer: Any, cfg: RunConfig, log=prin
     Only tasks with a test split are scored (built-in datasets, or a ``test`` file); others are skipped.
     """
     from peftkit.data.builtin import BUILTIN_DATASETS
-    from peftkit.eval.tasks import evaluate
+    from peftkit.eval.scoring import evaluate
 
     tasks = cfg.data.tasks or [TaskConfig(name=_default_name(cfg.data.train), train=cfg.data.train,
                                           test=cfg.data.test, format=cfg.data.format)]

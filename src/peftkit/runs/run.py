@@ -28,14 +28,9 @@ from peftkit.runs.export import save_model_folder
 from peftkit.runs.final_eval import final_evaluation
 from peftkit.runs.memory import BatchShape, measure_shape, predicted_peak_mb
 from peftkit.runs.multitask import MultiTask, build_tasks
-from peftkit.runs.tasks import CausalLMTask, get_task
+from peftkit.runs.task_types import CausalLMTask, get_task
 from peftkit.train import distributed
-from peftkit.train.checkpoint import (
-    CheckpointError,
-    TrainState,
-    list_checkpoints,
-    write_error_message,
-)
+from peftkit.train.checkpoint import CheckpointError, TrainState, list_checkpoints, write_error_message
 from peftkit.train.distributed import Dist, full_trainable_params
 from peftkit.train.loop import Batching, Trainer, Wiring
 from peftkit.train.shared_prefix import was_shared
@@ -52,7 +47,7 @@ class Prepared:
     tokenizer: Any
     template: Template
     splits: Splits
-    task: CausalLMTask | None = None  # the run's task type (runs/tasks.py): data, loss, end-of-run metrics
+    task: CausalLMTask | None = None  # the run's task type (runs/task_types.py): data, loss, end-of-run metrics
 
 
 def prepare(cfg: RunConfig, attach: bool = True) -> Prepared:

@@ -266,10 +266,7 @@ def optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, d: Dist)
     state keyed by parameter name (collective)."""
     if d.mode != "fsdp":
         return {"format": "torch", "state": optimizer.state_dict()}
-    from torch.distributed.checkpoint.state_dict import (
-        StateDictOptions,
-        get_optimizer_state_dict,
-    )
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
     opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
     return {"format": "fqn", "state": get_optimizer_state_dict(model, optimizer, options=opts)}
@@ -286,10 +283,7 @@ def load_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, sav
     if fmt == "torch":
         optimizer.load_state_dict(saved["state"])
         return
-    from torch.distributed.checkpoint.state_dict import (
-        StateDictOptions,
-        set_optimizer_state_dict,
-    )
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
     set_optimizer_state_dict(model, optimizer, saved["state"], options=StateDictOptions(full_state_dict=True))
 
@@ -297,10 +291,7 @@ def load_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, sav
 def load_trainable(model: nn.Module, tensors: dict[str, torch.Tensor], d: Dist) -> None:
     """Copy full trainable tensors into ``model`` (sharding them under FSDP)."""
     if d.mode == "fsdp":
-        from torch.distributed.checkpoint.state_dict import (
-            StateDictOptions,
-            set_model_state_dict,
-        )
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
         set_model_state_dict(model, tensors, options=StateDictOptions(full_state_dict=True, strict=False))
         return

@@ -24,12 +24,7 @@ import torch
 import torch.nn as nn
 
 from peftkit.core.files import atomic_dir, atomic_write_text
-from peftkit.data.collate import (
-    Example,
-    batch_order,
-    pack_batch,
-    split_padded,
-)
+from peftkit.data.collate import Example, batch_order, pack_batch, split_padded
 from peftkit.errors import TrainingError
 from peftkit.train.checkpoint import (
     CheckpointError,
@@ -43,15 +38,7 @@ from peftkit.train.checkpoint import (
 )
 from peftkit.train.compile import compile_blocks
 from peftkit.train.config import TrainConfig
-from peftkit.train.distributed import (
-    SINGLE,
-    Dist,
-    full_trainable_params,
-    local_slice,
-    local_value,
-    no_sync,
-    wrap,
-)
+from peftkit.train.distributed import SINGLE, Dist, full_trainable_params, local_slice, local_value, no_sync, wrap
 from peftkit.train.loss import LM_OBJECTIVE, Objective, evaluate_loss, objective_for
 from peftkit.train.optim import make_optimizer, make_scheduler
 from peftkit.train.precision import autocast, model_device

@@ -17,12 +17,7 @@ from peftkit.train.config import TrainConfig
 from peftkit.train.distributed import SINGLE, Dist, local_slice
 from peftkit.train.lm_head import HeadCapture, head_positions, labelled_positions
 from peftkit.train.precision import autocast, model_device
-from peftkit.train.shared_prefix import (
-    can_share,
-    checked,
-    shared_prefix_len,
-    shared_prefix_logits,
-)
+from peftkit.train.shared_prefix import can_share, checked, shared_prefix_len, shared_prefix_logits
 
 
 @dataclass(frozen=True)

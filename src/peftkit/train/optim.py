@@ -13,9 +13,7 @@ import torch.nn as nn
 from peftkit.core.adapter import default_lr
 from peftkit.errors import TrainingError
 from peftkit.train.config import TrainConfig
-from peftkit.train.distributed import (
-    is_sharded,
-)
+from peftkit.train.distributed import is_sharded
 
 
 def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:

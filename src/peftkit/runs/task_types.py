@@ -15,10 +15,6 @@ itself never looks at the task or the method.
 
 from __future__ import annotations
 
-from peftkit.eval.heads import classification_accuracy
-from peftkit.models.load import set_label_names, write_labels
-from peftkit.train.loss import CLS_OBJECTIVE, SEQ2SEQ_OBJECTIVE
-
 import dataclasses
 from collections.abc import Sequence
 from pathlib import Path
@@ -28,17 +24,15 @@ import torch.nn as nn
 
 from peftkit.core.config import MethodConfig
 from peftkit.core.targeting import classification_head_names
-from peftkit.data.classification import (
-    ClassificationSplits,
-    encode_classification,
-    load_classification,
-)
+from peftkit.data.classification import ClassificationSplits, encode_classification, load_classification
 from peftkit.data.load import Splits, load_splits
 from peftkit.data.template import Template
 from peftkit.data.tokenize import Encoded, encode_all
 from peftkit.errors import ConfigError
+from peftkit.eval.heads import classification_accuracy
 from peftkit.models.builtin import TASK_TYPES
-from peftkit.train.loss import LM_OBJECTIVE, Objective
+from peftkit.models.load import set_label_names, write_labels
+from peftkit.train.loss import CLS_OBJECTIVE, LM_OBJECTIVE, SEQ2SEQ_OBJECTIVE, Objective
 
 TASKS = TASK_TYPES
 

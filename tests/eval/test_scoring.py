@@ -7,7 +7,7 @@ import torch
 from peftkit.data.template import Template
 from peftkit.errors import DataError
 from peftkit.eval.icl import draw_shots, with_shots
-from peftkit.eval.tasks import evaluate, perplexity
+from peftkit.eval.scoring import evaluate, perplexity
 
 TRAIN = [{"instruction": "Sentiment?", "input": f"review {i}", "output": "positive" if i % 2 else "negative"}
          for i in range(10)]
