@@ -6,7 +6,7 @@ A frozen weight W0 (out x in) gets a trainable low-rank update::
         │                                  (+) ──► h = W0·x + s·B·A·x
         └──► dropout ──► A (r x in) ──► B (out x r) ──► · s ┘
 
-    s = alpha / r   (rsLoRA: s = alpha / sqrt(r), Kalajdzievski 2023)
+    s = alpha / r   (rsLoRA: s = alpha / sqrt(r), Kalajdzievski 2023, https://arxiv.org/abs/2312.03732)
 
 A starts Kaiming-uniform (or Gaussian), B starts at zero, so the model is unchanged at init.
 After training the update folds into W0 (``merge``) for zero inference overhead.
@@ -262,6 +262,8 @@ class LoraEmbedding(LoraLayer):
 
 
 def _init_pair(A: torch.Tensor, B: torch.Tensor, init: str, r: int) -> None:
+    """A as ``nn.Linear`` initialises its weight (Kaiming-uniform, a = sqrt(5): what Hu et al.'s reference code and
+    PEFT use) or N(0, 1/r) (PEFT's "gaussian"); B zero, so the adapted model starts as the base (Hu et al. 2021, 4.1)."""
     with torch.no_grad():
         if init == "gaussian":
             nn.init.normal_(A, std=1 / r)
