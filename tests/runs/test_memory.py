@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import subprocess
 import sys
 from pathlib import Path
@@ -21,7 +22,10 @@ from peftkit.runs.memory import (
     fused_loss_applies,
     head_loss_bytes,
     measure_runtime_mb,
+    _covers,
+    _size_key,
     measure_shape,
+    measure_shapes,
     predict_memory,
 )
 
@@ -140,13 +144,71 @@ def test_batch_shape_is_measured_on_the_examples():
     examples = [_example(common + [1, 2, 3, 4], 14), _example(common + [5, 6, 7, 8, 9, 10], 13),
                 _example(common + [11, 12, 13], 13)]
     shape = measure_shape(examples, batch_size=8, shared=True)
-    assert (shape.rows, shape.width, shape.labelled) == (3, 18, 5)  # the second row: positions 13-17 labelled
+    assert (shape.rows, shape.width, shape.labelled) == (3, 18, 3)  # 2 + 5 + 2 labelled positions over 3 rows
     assert shape.shared_prefix == 12  # bounded by the earliest label (13) - 1 and the shortest row (15) - 1
     assert measure_shape(examples, 2, shared=False).shared_prefix == 0  # the run did not share prefixes
     short = [_example([100, 101, 102, 103, 104, 1], 5), _example([100, 101, 102, 103, 104, 2], 5)]
     assert measure_shape(short, 2, shared=True).shared_prefix == 0  # 4 < MIN_PREFIX: not worth a second call
     unlabelled = [{"input_ids": [1, 2, 3, 4, 5]}]  # plain text: every token is a label
     assert measure_shape(unlabelled, 4, shared=False).labelled == 4
+
+
+def _long_tail(n: int = 64, seed: int = 3) -> list[dict[str, list[int]]]:
+    """Chat-like rows: a 12-token system prompt, a short question, mostly short answers and a few long ones."""
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        answer = rng.randint(60, 90) if i % 16 == 5 else rng.randint(2, 8)
+        ids = list(range(100, 112)) + [rng.randint(200, 400) for _ in range(rng.randint(1, 6) + answer)]
+        rows.append(_example(ids, len(ids) - answer))
+    return rows
+
+
+@pytest.mark.parametrize(("grad_accum", "grouped"), [(1, True), (2, True), (1, False)])
+def test_measured_shapes_are_the_micro_batches_the_loop_runs(tiny_lm, tmp_path, monkeypatch, grad_accum, grouped):
+    """The shapes are replayed from the loop's own batch order and padding split: each is a micro-batch the
+    training loop really ran, and every micro-batch it ran is no larger than one of them."""
+    from peftkit.train import loop
+    from peftkit.train.config import TrainConfig
+    from peftkit.train.shared_prefix import shared_prefix_len
+
+    model, tok = tiny_lm
+    examples = _long_tail()
+    ran = set()
+    split = loop.split_padded
+
+    def spy(batch):
+        subs = split(batch)
+        for sub in subs:
+            rows, width = sub["input_ids"].shape
+            labelled = int((sub["labels"][:, 1:] != IGNORE).sum())
+            ran.add((rows, width, -(-labelled // rows), shared_prefix_len(sub)))
+        return subs
+
+    monkeypatch.setattr(loop, "split_padded", spy)
+    cfg = TrainConfig(max_steps=12, batch_size=4, grad_accum=grad_accum, lr=1e-3, warmup_steps=0, eval_every=0,
+                      save_every=0, seed=5)
+    batching = loop.Batching(tok.pad_token_id, group_by_length=grouped)
+    loop.Trainer(model, examples, [], cfg, batching, loop.Wiring(tmp_path, show_progress=False)).fit()
+    shapes = measure_shapes(examples, 4, shared=True, seed=5, steps=12, grad_accum=grad_accum, group_by_length=grouped)
+    measured = {(s.rows, s.width, s.labelled, s.shared_prefix) for s in shapes}
+    assert measured <= ran, (measured, ran)
+    assert all(any(_covers(_size_key(*m), _size_key(*r)) for m in measured) for r in ran), (measured, ran)
+    assert len(ran) > len(measured)  # smaller batches were left out
+
+
+def test_a_long_row_among_short_ones_is_predicted_as_the_loop_runs_it(hf_base_dir):
+    """Issue #16: one long answer among short rows is run as a sub-batch of its own (split_padded), so the largest
+    micro-batch is not B rows of the longest example with the most labels of any row (the old measure: 0.69x)."""
+    cfg = load_config(None, [f"model={hf_base_dir('llama')}", "method.name=lora", "train.batch_size=8"])
+    examples = _long_tail()
+    shapes = measure_shapes(examples, 8, shared=True, steps=8)
+    longest = max(len(e["input_ids"]) for e in examples)
+    widest = max(shapes, key=lambda s: s.width)
+    assert widest.width == longest and widest.rows < 8
+    old = BatchShape(8, longest, max(sum(x != IGNORE for x in e["labels"][1:]) for e in examples))
+    assert predict_memory(cfg, shape=shapes).activations < 0.5 * predict_memory(cfg, shape=old).activations
+    assert predict_memory(cfg, shape=shapes).activations == max(predict_memory(cfg, shape=s).activations for s in shapes)
 
 
 def test_narrower_batches_and_shared_prefixes_predict_less(hf_base_dir):

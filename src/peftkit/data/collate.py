@@ -72,6 +72,28 @@ def batch_order(
     return batches_from_order(order, lengths, batch_size, rng, group_by_length, token_budget)
 
 
+def accumulated_batches(
+    lengths: Sequence[int],
+    batch_size: int,
+    grad_accum: int,
+    seed: int,
+    epoch: int,
+    group_by_length: bool = True,
+) -> list[list[int]]:
+    """The micro-batches of one epoch when ``grad_accum`` of them make an optimizer step (padded batches).
+
+    The epoch is ordered as the batches of one step (``batch_size`` x ``grad_accum``, length-grouped like any
+    batch), each cut into ``grad_accum`` micro-batches, so a step trains on the examples the larger batch would;
+    a short last step is padded with empty micro-batches (skipped) so that every step starts at a multiple of
+    ``grad_accum``. With ``grad_accum`` 1 this is :func:`batch_order`.
+    """
+    if grad_accum == 1:
+        return batch_order(lengths, batch_size, seed, epoch, group_by_length)
+    steps = batch_order(lengths, batch_size * grad_accum, seed, epoch, group_by_length)
+    micro = [[step[s:s + batch_size] for s in range(0, len(step), batch_size)] for step in steps]
+    return [b for m in micro for b in m + [[]] * (grad_accum - len(m))]
+
+
 def batches_from_order(
     order: Sequence[int],
     lengths: Sequence[int],
@@ -123,14 +145,12 @@ def split_padded(batch: dict[str, torch.Tensor], overhead: int = CALL_OVERHEAD) 
     if not torch.equal(mask.bool(), torch.arange(width, device=mask.device) < lengths[:, None]):
         return [batch]  # not right-padded: rows cannot be cut at their length
     same = ((ids == ids[:1]) & (mask == 1)).all(dim=0)  # (T,)
-    shared = int(same.long().cumprod(0).sum())
-    order = sorted(range(rows), key=lambda i: int(lengths[i]))
-    groups = _least_padding(sorted(int(n) for n in lengths), shared, overhead)
+    groups = padding_groups(lengths.tolist(), int(same.long().cumprod(0).sum()), overhead)
     if len(groups) == 1:
         return [batch]
     out = []
-    for start, stop in groups:
-        keep = torch.tensor(sorted(order[start:stop]), device=ids.device)
+    for group in groups:
+        keep = torch.tensor(group, device=ids.device)
         cut = int(lengths[keep].max())
         sub = {}
         for key, value in batch.items():
@@ -147,6 +167,14 @@ def split_padded(batch: dict[str, torch.Tensor], overhead: int = CALL_OVERHEAD) 
 
 
 _ALIGNED = ("input_ids", "attention_mask", "labels", "position_ids", "token_type_ids")  # per-token, as input_ids
+
+
+def padding_groups(lengths: Sequence[int], shared: int = 0, overhead: int = CALL_OVERHEAD) -> list[list[int]]:
+    """How :func:`split_padded` groups rows of these ``lengths`` (whose first ``shared`` tokens are the same in
+    every row): row indices of each sub-batch, ascending; one group when splitting gains nothing."""
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    runs = _least_padding([lengths[i] for i in order], shared, overhead)
+    return [sorted(order[start:stop]) for start, stop in runs]
 
 
 def _least_padding(lengths: Sequence[int], shared: int, overhead: int) -> list[tuple[int, int]]:

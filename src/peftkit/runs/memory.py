@@ -30,11 +30,12 @@ not to ``data.max_length``, runs the leading tokens every row shares once per ba
 (:mod:`peftkit.train.shared_prefix`: a chat template's system prompt and the instruction, ~39 of a
 rotten-tomatoes row's ~73 tokens) and the head only at labelled positions (~3 per row there). With a shared
 prefix of P tokens a layer keeps ``(B x (T - P) + P) x per_token_layer`` (keys and values: B x T); an embedding
-soft prompt's virtual tokens are part of P. ``peftkit train`` measures the shape on its encoded training
-examples: T = the longest example (the widest batch a run can meet), K = the most labels in one example, P = the
-prefix all examples share (a batch shares at least that much), counted only when the run did share prefixes.
-``peftkit memory`` measures it on a seeded sample of the same examples (the first ``SAMPLE_EXAMPLES`` of the
-training order) when the tokenizer and data can be read, and otherwise (or with ``--no-data``) assumes rows of
+soft prompt's virtual tokens are part of P. ``peftkit train`` replays its own micro-batches on its encoded
+training examples (:func:`measure_shapes`: the loop's seeded, length-grouped order, each batch split as
+:func:`peftkit.data.collate.split_padded` splits it, so a long row among short ones is a sub-batch of its own):
+B, T, K and P of each, and the prediction is that of the micro-batch that takes the most. ``peftkit memory``
+does the same on the same examples (the first ``SAMPLE_EXAMPLES`` of the training order; one epoch of them when
+the training set is larger) when the tokenizer and data can be read, and otherwise (or with ``--no-data``) assumes rows of
 ``data.max_length`` tokens, a quarter of them labelled (all with ``data.train_on_prompt`` or plain text) and no
 shared prefix: an upper bound for short-answer data (figures in BENCHMARKS.md, "Where the memory predictor's
 constants come from").
@@ -58,6 +59,7 @@ import torch
 import torch.nn as nn
 
 from peftkit.allocator import glibc_heap_keeps_freed_memory
+from peftkit.core.labels import IGNORE
 from peftkit.runs.config import RunConfig
 
 MB = 2**20
@@ -105,7 +107,8 @@ class MemoryBreakdown:
         trainable_params / frozen_params: parameter counts.
         layers_with_backward: decoder layers whose activations are kept for backward.
         tokens: rows x width (+ virtual tokens) of the largest micro-batch.
-        width / labelled / shared_prefix / data: the :class:`BatchShape` the activations were computed for.
+        rows / width / labelled / shared_prefix / data: the :class:`BatchShape` the activations were computed for
+            (the largest micro-batch).
     """
 
     weights: float
@@ -120,6 +123,7 @@ class MemoryBreakdown:
     frozen_params: int
     layers_with_backward: int
     tokens: int
+    rows: int = 0
     width: int = 0
     labelled: int = 0
     shared_prefix: int = 0
@@ -137,8 +141,8 @@ class MemoryBreakdown:
         lines.append(f"  trainable {self.trainable_params:,} / frozen {self.frozen_params:,} params; "
                      f"{self.layers_with_backward} layer(s) keep activations; {self.tokens} tokens per micro-batch")
         if self.data:
-            lines.append(f"  rows up to {self.width} tokens, {self.labelled} labelled, {self.shared_prefix}-token "
-                         f"shared prefix ({self.data})")
+            lines.append(f"  largest micro-batch: {self.rows} rows of up to {self.width} tokens, "
+                         f"{self.labelled} labelled per row, {self.shared_prefix}-token shared prefix ({self.data})")
         return "\n".join(lines)
 
 
@@ -149,7 +153,8 @@ class BatchShape:
     Attributes:
         rows: examples per micro-batch (B).
         width: tokens per row of the widest micro-batch (T): batches are padded to their longest row.
-        labelled: the most labelled positions in one row (K): where the LM head runs.
+        labelled: labelled positions per row (K: the micro-batch's total over its rows, rounded up): where the LM
+            head runs.
         shared_prefix: leading tokens every row shares, run once per batch (P; 0 when not shared).
         source: where the figures come from (``assumed ...`` or ``measured on N examples``).
     """
@@ -170,34 +175,93 @@ def assumed_shape(cfg: RunConfig, why: str = "") -> BatchShape:
     return BatchShape(cfg.train.batch_size, t, t if every else max(1, t // 4), 0, note + (f" ({why})" if why else ""))
 
 
-def measure_shape(examples: Sequence[dict[str, list[int]]], batch_size: int, shared: bool,
-                  source: str | None = None) -> BatchShape:
-    """The shape of the largest micro-batch ``examples`` can form (tokenized, as the loop gets them).
+def measure_shapes(examples: Sequence[dict[str, list[int]]], batch_size: int, shared: bool,
+                   source: str | None = None, *, seed: int = 0, steps: int | None = None, grad_accum: int = 1,
+                   group_by_length: bool = True, split_padding: bool = True) -> tuple[BatchShape, ...]:
+    """The micro-batches a run of ``examples`` (tokenized, as the loop gets them) meets, as the few shapes that
+    can be its largest: the loop's own batch order is replayed and no other shape is at least as large in every
+    respect (positions, keys, attention, labels, rows). :func:`predict_memory` takes the largest prediction.
 
     Args:
         examples: ``input_ids`` and ``labels`` (IGNORE where unlabelled; no labels: every token is one).
         batch_size: examples per micro-batch.
         shared: whether the run shares batch prefixes (:func:`peftkit.train.shared_prefix.was_shared`).
-        source: the description stored in the shape (default: ``measured on N examples``).
+        source: the description stored in the shapes (default: ``measured on N examples``).
+        seed / grad_accum / group_by_length: the run's (``train.seed``, ``train.grad_accum``,
+            ``data.group_by_length``): the same batches as :meth:`peftkit.train.loop.Trainer._epoch_batches`.
+        steps: optimizer steps the run takes (``train.max_steps``): the batches of those steps only; None (a
+            sample of a larger training set) replays at least one epoch of ``examples``.
+        split_padding: the loop runs a batch as sub-batches of similar-length rows
+            (:func:`peftkit.data.collate.split_padded`); each sub-batch is a micro-batch here too.
     """
-    from peftkit.data.tokenize import IGNORE
+    from peftkit.data.collate import accumulated_batches, padding_groups
+
+    source = source or f"measured on {len(examples)} examples"
+    ids = [e["input_ids"] for e in examples]
+    lengths = [len(x) for x in ids]
+    labels = [e.get("labels", e["input_ids"]) for e in examples]
+    batches: list[list[int]] = []
+    for epoch in range(1 if steps is None else MAX_REPLAYED_EPOCHS):
+        if steps is not None and len(batches) >= steps * grad_accum:
+            break
+        batches += accumulated_batches(lengths, batch_size, grad_accum, seed, epoch, group_by_length)
+    shapes = set()
+    for batch in batches if steps is None else batches[:steps * grad_accum]:
+        if not batch:
+            continue  # an epoch's short last step is padded with empty micro-batches
+        groups = padding_groups([lengths[i] for i in batch], _common_prefix([ids[i] for i in batch])) \
+            if split_padding and len(batch) > 1 else [list(range(len(batch)))]
+        for group in groups:
+            rows = [batch[g] for g in group]
+            width = max(lengths[i] for i in rows)
+            labelled = sum(sum(1 for x in labels[i][1:] if x != IGNORE) for i in rows)  # label t read from t-1
+            prefix = _shared_prefix([ids[i] for i in rows], [labels[i] for i in rows], width) if shared else 0
+            shapes.add((len(rows), width, max(-(-labelled // len(rows)), 1), prefix))
+    keys = {s: _size_key(*s) for s in shapes}
+    largest = [s for s in shapes if not any(o != s and _covers(keys[o], keys[s]) for o in shapes)]
+    return tuple(BatchShape(*s, source=source) for s in sorted(largest, key=lambda s: keys[s], reverse=True))
+
+
+def measure_shape(examples: Sequence[dict[str, list[int]]], batch_size: int, shared: bool,
+                  source: str | None = None, **run: Any) -> BatchShape:
+    """The one shape of :func:`measure_shapes` with the most positions (for a report; the prediction takes
+    them all)."""
+    return measure_shapes(examples, batch_size, shared, source, **run)[0]
+
+
+#: epochs :func:`measure_shapes` replays at most (a long run on a small data set meets the same batches again)
+MAX_REPLAYED_EPOCHS = 50
+
+
+def _common_prefix(rows: Sequence[Sequence[int]]) -> int:
+    """Leading tokens every row has alike (within the shortest row)."""
+    n = min(len(r) for r in rows)
+    first = rows[0]
+    for r in rows[1:]:
+        n = next((j for j in range(n) if r[j] != first[j]), n)
+    return n
+
+
+def _shared_prefix(rows: Sequence[Sequence[int]], labels: Sequence[Sequence[int]], width: int) -> int:
+    """What :func:`peftkit.train.shared_prefix.shared_prefix_len` finds for these rows padded to ``width``."""
     from peftkit.train.shared_prefix import MIN_PREFIX
 
-    width = max(len(e["input_ids"]) for e in examples)
-    labels = [e.get("labels", e["input_ids"]) for e in examples]
-    labelled = max(sum(1 for x in lab[1:] if x != IGNORE) for lab in labels)  # label t is read from position t-1
-    prefix = 0
-    if shared and len(examples) > 1:
-        first = examples[0]["input_ids"]
-        prefix = min(len(e["input_ids"]) for e in examples) - 1  # one position of every row is left after it
-        for e in examples:
-            ids = e["input_ids"]
-            prefix = next((j for j in range(prefix) if ids[j] != first[j]), prefix)
-        first_label = min((next((j for j, x in enumerate(lab) if x != IGNORE), len(lab)) for lab in labels))
-        prefix = min(prefix, first_label - 1)  # no logit is needed inside the prefix (shared_prefix_len)
-        prefix = prefix if prefix >= MIN_PREFIX else 0
-    return BatchShape(min(batch_size, len(examples)), width, max(labelled, 1), prefix,
-                      source or f"measured on {len(examples)} examples")
+    if len(rows) < 2:
+        return 0
+    n = _common_prefix(rows)
+    first_label = min(next((j for j, x in enumerate(lab) if x != IGNORE), width) for lab in labels)
+    n = min(n, first_label - 1, width - 1)  # no logit is needed inside the prefix
+    return n if n >= MIN_PREFIX else 0
+
+
+def _size_key(rows: int, width: int, labelled: int, prefix: int) -> tuple[int, ...]:
+    """What a micro-batch's activations grow with (:func:`_activation_bytes`): positions run, keys and values,
+    the attention mask, labelled positions, rows."""
+    return rows * (width - prefix) + prefix, rows * width + prefix, rows * width * width, rows * labelled, rows
+
+
+def _covers(a: tuple[int, ...], b: tuple[int, ...]) -> bool:
+    return all(x >= y for x, y in zip(a, b, strict=True))
 
 
 def expects_shared_prefix(cfg: RunConfig, model: nn.Module) -> bool:
@@ -216,11 +280,14 @@ def expects_shared_prefix(cfg: RunConfig, model: nn.Module) -> bool:
         model.train(was_training)
 
 
-def data_shape(cfg: RunConfig, model: nn.Module, limit: int = SAMPLE_EXAMPLES) -> BatchShape:
-    """The batch shape measured on (a sample of) the run's training data, for ``peftkit memory``.
+def data_shape(cfg: RunConfig, model: nn.Module, limit: int = SAMPLE_EXAMPLES) -> BatchShape | tuple[BatchShape, ...]:
+    """The batch shapes measured on (a sample of) the run's training data, for ``peftkit memory``.
 
     The examples are the first ``limit`` of the run's training order (the same seeded shuffle as
     ``peftkit train`` with ``data.max_train_examples``), encoded with the model's tokenizer and the run's template.
+    When that is the whole training set, the run's own micro-batches of its ``train.max_steps`` steps are
+    replayed (:func:`measure_shapes`); otherwise one epoch of the sample, batched the same way (an estimate: a
+    longer run over more data may meet a wider batch).
     Falls back to :func:`assumed_shape` (saying why) for what it does not read: task types other than
     ``causal_lm``, packing, ``data.tasks``, or a tokenizer or data that cannot be loaded.
     """
@@ -241,15 +308,20 @@ def data_shape(cfg: RunConfig, model: nn.Module, limit: int = SAMPLE_EXAMPLES) -
         splits = task.load_splits(cfg)
         rows = list(splits.train)
         random.Random(cfg.train.seed).shuffle(rows)  # as runs/run.py does for data.max_train_examples
-        rows = rows[: min(cfg.data.max_train_examples or limit, limit)]
+        rows = rows[: cfg.data.max_train_examples or None]
+        whole = len(rows) <= limit  # the run's own examples: its batches are replayed exactly
+        rows = rows[:limit]
         examples = task.encode(Template.create(tokenizer, cfg.data.template, splits.format), tokenizer, rows,
                                cfg, splits).examples
     except (PeftkitError, OSError, ValueError) as e:
         return assumed_shape(cfg, f"data not read: {str(e).splitlines()[0][:120] if str(e) else type(e).__name__}")
     if not examples:
         return assumed_shape(cfg, "no training example")
-    return measure_shape(examples, cfg.train.batch_size, expects_shared_prefix(cfg, model),
-                         f"measured on {len(examples)} of {len(splits.train)} training examples")
+    t = cfg.train
+    return measure_shapes(examples, t.batch_size, expects_shared_prefix(cfg, model),
+                          f"measured on {len(examples)} of {len(splits.train)} training examples", seed=t.seed,
+                          steps=t.max_steps if whole else None, grad_accum=t.grad_accum,
+                          group_by_length=cfg.data.group_by_length)
 
 
 def build_meta_model(cfg: RunConfig) -> nn.Module:
@@ -276,13 +348,15 @@ def build_meta_model(cfg: RunConfig) -> nn.Module:
         return model_from_config(cfg, hf_config)
 
 
-def predict_memory(cfg: RunConfig, model: nn.Module | None = None, shape: BatchShape | None = None) -> MemoryBreakdown:
+def predict_memory(cfg: RunConfig, model: nn.Module | None = None,
+                   shape: BatchShape | Sequence[BatchShape] | None = None) -> MemoryBreakdown:
     """Predict the peak memory of ``peftkit train`` for ``cfg`` (one process, CPU RSS).
 
     Args:
         cfg: the run config (model, method, data.max_length, train.batch_size/precision/gradient_checkpointing).
         model: the model with the method attached (any device, meta included); built from ``cfg`` if None.
-        shape: the largest micro-batch (:func:`measure_shape`, :func:`data_shape`); default
+        shape: the largest micro-batch, or the micro-batches that can be the largest (:func:`measure_shapes`,
+            :func:`data_shape`: the prediction is that of the one that takes the most); default
             :func:`assumed_shape` (the config alone).
 
     Returns:
@@ -291,20 +365,12 @@ def predict_memory(cfg: RunConfig, model: nn.Module | None = None, shape: BatchS
     model = build_meta_model(cfg) if model is None else model
     weights, trainable, frozen, grad_bytes = _parameter_bytes(model)
     checkpoint = 4 * (trainable + frozen)  # load_model reads fp32
-    method = cfg.method
     hf = model.config
     n_layers = int(getattr(hf, "num_hidden_layers", 1))
     first = _first_trainable_layer(model, n_layers)
     keep = n_layers - first
-    virtual = method.virtual_tokens
-    prefix_kind = method.virtual_token_kind if virtual else None  # soft prompts: "embeddings" or "prefix"
-    shape = assumed_shape(cfg) if shape is None else shape
-    t = shape.width + (virtual if virtual and prefix_kind != "prefix" else 0)
-    if shape.shared_prefix and t > shape.width:  # an embedding soft prompt is part of the shared prefix
-        shape = dataclasses.replace(shape, shared_prefix=shape.shared_prefix + t - shape.width)
-    kv_len = t + (virtual if prefix_kind == "prefix" else 0)
-    tokens = shape.rows * t
-    act = _activation_bytes(hf, cfg, model, first, shape, t, kv_len)
+    shapes = [assumed_shape(cfg)] if shape is None else [shape] if isinstance(shape, BatchShape) else list(shape)
+    act, shape, tokens = max((_shape_activations(cfg, model, first, s) for s in shapes), key=lambda a: a[0])
     parts = {
         "weights": weights / MB,
         "gradients": grad_bytes / MB,
@@ -330,8 +396,20 @@ def predict_memory(cfg: RunConfig, model: nn.Module | None = None, shape: BatchS
     else:
         loading = parts["runtime"] + checkpoint / MB
     return MemoryBreakdown(**parts, loading=loading, total=max(train, loading), trainable_params=trainable,
-                           frozen_params=frozen, layers_with_backward=keep, tokens=tokens, width=shape.width,
+                           frozen_params=frozen, layers_with_backward=keep, tokens=tokens, rows=shape.rows, width=shape.width,
                            labelled=shape.labelled, shared_prefix=shape.shared_prefix, data=shape.source)
+
+
+def _shape_activations(cfg: RunConfig, model: nn.Module, first: int, s: BatchShape) -> tuple[float, BatchShape, int]:
+    """(activation bytes, the shape with a soft prompt's tokens counted in, tokens) of one micro-batch."""
+    method = cfg.method
+    virtual = method.virtual_tokens
+    prefix_kind = method.virtual_token_kind if virtual else None  # soft prompts: "embeddings" or "prefix"
+    t = s.width + (virtual if virtual and prefix_kind != "prefix" else 0)
+    if s.shared_prefix and t > s.width:  # an embedding soft prompt is part of the shared prefix
+        s = dataclasses.replace(s, shared_prefix=s.shared_prefix + t - s.width)
+    kv_len = t + (virtual if prefix_kind == "prefix" else 0)
+    return _activation_bytes(model.config, cfg, model, first, s, t, kv_len), s, s.rows * t
 
 
 def _unique_parameters(model: nn.Module) -> list[nn.Parameter]:
@@ -617,7 +695,8 @@ def measure_runtime_mb() -> float:
     return float(out.stdout.strip().splitlines()[-1])
 
 
-def predicted_peak_mb(cfg: RunConfig, model: nn.Module, shape: BatchShape | None = None) -> float | None:
+def predicted_peak_mb(cfg: RunConfig, model: nn.Module,
+                      shape: BatchShape | Sequence[BatchShape] | None = None) -> float | None:
     """The predicted total for a run in progress (its real model, so nothing extra is allocated; ``shape``
     measured on its examples), or None when the model is one the estimate does not understand: reporting must
     never fail a finished run."""
@@ -629,4 +708,4 @@ def predicted_peak_mb(cfg: RunConfig, model: nn.Module, shape: BatchShape | None
 
 __all__ = ["BatchShape", "MemoryBreakdown", "RUNTIME_MB", "assumed_shape", "build_meta_model", "data_shape",
            "expects_shared_prefix", "fused_loss_applies", "head_loss_bytes", "measure_runtime_mb", "measure_shape",
-           "predict_memory", "predicted_peak_mb"]
+           "measure_shapes", "predict_memory", "predicted_peak_mb"]

@@ -26,7 +26,7 @@ from peftkit.errors import ConfigError, PeftkitError
 from peftkit.runs.config import RunConfig, dump_config
 from peftkit.runs.export import save_model_folder
 from peftkit.runs.final_eval import final_evaluation
-from peftkit.runs.memory import BatchShape, measure_shape, predicted_peak_mb
+from peftkit.runs.memory import BatchShape, measure_shapes, predicted_peak_mb
 from peftkit.runs.multitask import MultiTask, build_tasks
 from peftkit.runs.task_types import CausalLMTask, get_task
 from peftkit.train import distributed
@@ -308,12 +308,15 @@ def _fit(run: _Run, trainer: Trainer, resume: bool) -> TrainState:
     return trainer.fit(Path(resume_from) if resume_from else None)
 
 
-def _batch_shape(run: _Run, trainer: Trainer) -> BatchShape | None:
-    """The batches' shape for the memory prediction, measured on the examples (next-token runs, padded batches)."""
+def _batch_shape(run: _Run, trainer: Trainer) -> tuple[BatchShape, ...] | None:
+    """The shapes of the run's largest micro-batches, for the memory prediction: its batches replayed on its
+    examples (next-token runs, padded batches)."""
     cfg = run.cfg
     if cfg.task != "causal_lm" or cfg.data.packing:
         return None
-    return measure_shape(run.data.train.examples, cfg.train.batch_size, was_shared(trainer.net))
+    t = cfg.train
+    return measure_shapes(run.data.train.examples, t.batch_size, was_shared(trainer.net), seed=t.seed,
+                          steps=t.max_steps, grad_accum=t.grad_accum, group_by_length=cfg.data.group_by_length)
 
 
 def _score(run: _Run) -> dict[str, Any]:
@@ -334,7 +337,7 @@ def _score(run: _Run) -> dict[str, Any]:
 
 
 def _write_outputs(run: _Run, trainer: Trainer, state: TrainState, final: Path, export: Callable[[Path], None],
-                   shape: BatchShape | None, scores: dict[str, Any]) -> dict[str, Any]:
+                   shape: tuple[BatchShape, ...] | None, scores: dict[str, Any]) -> dict[str, Any]:
     """Rank 0: the result into ``final``, the loss plot, and the run summary (returned).
 
     Raises:
@@ -355,7 +358,7 @@ def _write_outputs(run: _Run, trainer: Trainer, state: TrainState, final: Path, 
 
 
 def _summary(run: _Run, trainer: Trainer, state: TrainState, final: Path, plot: Path | None,
-             shape: BatchShape | None, scores: dict[str, Any]) -> dict[str, Any]:
+             shape: tuple[BatchShape, ...] | None, scores: dict[str, Any]) -> dict[str, Any]:
     """The run summary (OUTPUT_DIR/run_summary.json); ``final`` is the folder the result was written to."""
     cfg, params, d, train = run.cfg, run.params, run.d, run.data.train
     return {

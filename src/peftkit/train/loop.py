@@ -24,7 +24,7 @@ import torch
 import torch.nn as nn
 
 from peftkit.core.files import atomic_dir, atomic_write_text
-from peftkit.data.collate import Example, batch_order, pack_batch, split_padded
+from peftkit.data.collate import Example, accumulated_batches, batch_order, pack_batch, split_padded
 from peftkit.errors import TrainingError
 from peftkit.train.checkpoint import (
     CheckpointError,
@@ -223,21 +223,16 @@ class Trainer:
     def _epoch_batches(self, epoch: int) -> list[list[int]]:
         """Global micro-batches (``batch_size`` x ranks) of one epoch: the same order on every rank.
 
-        With ``grad_accum`` k > 1 (padded batches) the epoch is ordered as the batches of one optimizer step
-        (``batch_size`` x ranks x k, length-grouped like any batch), each cut into k micro-batches, so a step
-        trains on the examples the k-times larger batch would; a short last step is padded with empty
-        micro-batches (skipped) so that every step starts at a multiple of k.
+        With ``grad_accum`` k > 1 (padded batches) a step's k micro-batches hold the examples of one k-times
+        larger batch (:func:`peftkit.data.collate.accumulated_batches`).
         """
         size, b = self.cfg.batch_size * self.dist.world_size, self.batching
         budget = size * b.max_length if b.packing else None
         if self.wiring.batch_order is not None:
             return self.wiring.batch_order(epoch)
-        k = self.cfg.grad_accum
-        if k == 1 or b.packing:
+        if b.packing:
             return batch_order(self.lengths, size, self.cfg.seed, epoch, b.group_by_length, budget)
-        steps = batch_order(self.lengths, size * k, self.cfg.seed, epoch, b.group_by_length)
-        micro = [[step[s:s + size] for s in range(0, len(step), size)] for step in steps]
-        return [b for m in micro for b in m + [[]] * (k - len(m))]
+        return accumulated_batches(self.lengths, size, self.cfg.grad_accum, self.cfg.seed, epoch, b.group_by_length)
 
     def _next_batch(self) -> tuple[dict[str, torch.Tensor], float] | None:
         """This rank's part of the next global batch, and its weight (0 for a stand-in); None for an empty
