@@ -283,8 +283,8 @@ def expects_shared_prefix(cfg: RunConfig, model: nn.Module) -> bool:
 def data_shape(cfg: RunConfig, model: nn.Module, limit: int = SAMPLE_EXAMPLES) -> BatchShape | tuple[BatchShape, ...]:
     """The batch shapes measured on (a sample of) the run's training data, for ``peftkit memory``.
 
-    The examples are the first ``limit`` of the run's training order (the same seeded shuffle as
-    ``peftkit train`` with ``data.max_train_examples``), encoded with the model's tokenizer and the run's template.
+    The examples are the run's own (``data.max_train_examples`` drawn as ``peftkit train`` draws them), encoded
+    with the model's tokenizer and the run's template; of a set larger than ``limit``, a seeded sample of ``limit``.
     When that is the whole training set, the run's own micro-batches of its ``train.max_steps`` steps are
     replayed (:func:`measure_shapes`); otherwise one epoch of the sample, batched the same way (an estimate: a
     longer run over more data may meet a wider batch).
@@ -307,10 +307,13 @@ def data_shape(cfg: RunConfig, model: nn.Module, limit: int = SAMPLE_EXAMPLES) -
         task = get_task(cfg.task)
         splits = task.load_splits(cfg)
         rows = list(splits.train)
-        random.Random(cfg.train.seed).shuffle(rows)  # as runs/run.py does for data.max_train_examples
-        rows = rows[: cfg.data.max_train_examples or None]
-        whole = len(rows) <= limit  # the run's own examples: its batches are replayed exactly
-        rows = rows[:limit]
+        if cfg.data.max_train_examples:  # as runs/run.py draws them
+            random.Random(cfg.train.seed).shuffle(rows)
+            rows = rows[: cfg.data.max_train_examples]
+        whole = len(rows) <= limit  # the run's own examples, in its order: its batches are replayed exactly
+        if not whole:  # a seeded sample of a larger set
+            random.Random(cfg.train.seed).shuffle(rows)
+            rows = rows[:limit]
         examples = task.encode(Template.create(tokenizer, cfg.data.template, splits.format), tokenizer, rows,
                                cfg, splits).examples
     except (PeftkitError, OSError, ValueError) as e:
