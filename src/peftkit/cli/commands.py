@@ -383,5 +383,12 @@ def run_memory(args: argparse.Namespace) -> int:
     return 0
 
 
-REGISTER = [_train, _generate, _eval, _compare, _merge, _info, _demo, _inspect_prompt, _memory]
+def _service(sub: Any) -> None:
+    from peftkit.cli import serve
+
+    for register in serve.REGISTER:
+        register(sub)
+
+
+REGISTER = [_train, _generate, _eval, _compare, _merge, _info, _demo, _inspect_prompt, _memory, _service]
 __all__ = ["REGISTER"]
