@@ -119,7 +119,7 @@ def test_twenty_jobs_page_through_the_client(idle_service):
     page = client.fine_tuning.jobs.list(limit=3)
     assert len(page.data) == 3 and page.has_more
     assert [j.id for j in client.fine_tuning.jobs.list(limit=3)] == made[::-1]  # auto-paging, newest first
-    odd = client.fine_tuning.jobs.list(limit=4, extra_query={"metadata[n]": "1"})
+    odd = client.fine_tuning.jobs.list(limit=4, metadata={"n": "1"})  # sent as metadata[n]=1
     assert [j.id for j in odd] == made[1::2][::-1]
     with pytest.raises(openai.BadRequestError):  # a file a job still uses is kept
         client.files.delete(f.id)
@@ -154,3 +154,86 @@ def test_an_example_longer_than_the_model_fails_the_job_naming_the_line(idle_ser
     job = wait_for(client, client.fine_tuning.jobs.create(model="tiny", training_file=f.id).id, ("failed", "queued"))
     assert job.status == "failed" and job.error.code == "invalid_training_file" and job.error.param == "training_file"
     assert "line 4:" in job.error.message and "longer than the model reads (512)" in job.error.message
+
+
+def test_a_job_whose_training_fails_or_is_killed_fails_alone(busy_service):
+    """A user error in training fails the job with its one-line reason; the job's process killed (as the
+    out-of-memory killer does) fails the job with code out_of_memory; the worker goes on to the next job."""
+    import os
+    import signal
+    import subprocess
+    import time
+
+    service = busy_service
+    client = _client(service, service.add_key("carol"))
+    f = client.files.create(file=("c.jsonl", io.BytesIO(chat_jsonl(240))), purpose="fine-tune")
+    bad = client.fine_tuning.jobs.create(model="tiny", training_file=f.id,
+                                         extra_body={"peftkit": {"settings": {"train.lr": 1.0e30}}})
+    failed = wait_for(client, bad.id, ("succeeded", "failed"))
+    assert failed.status == "failed" and failed.error.code == "training_failed", failed.error
+    assert " became " in failed.error.message and "at step" in failed.error.message  # the run's own one-line reason
+    assert f"Job failed: {failed.error.message}" in [e.message for e in client.fine_tuning.jobs.list_events(bad.id)]
+    one_epoch = {"type": "supervised", "supervised": {"hyperparameters": {"n_epochs": 1, "batch_size": 2}}}
+    doomed = client.fine_tuning.jobs.create(model="tiny", training_file=f.id, method=one_epoch)
+    run = service.storage / "jobs" / doomed.id / "run"
+    deadline = time.monotonic() + 120
+    while not (run / "metrics.jsonl").exists():
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    worker = int([e.message for e in client.fine_tuning.jobs.list_events(doomed.id, limit=50)
+                  if " on worker " in e.message][0].rsplit(":", 1)[1])
+    child = int(subprocess.run(["pgrep", "-P", str(worker)], capture_output=True, text=True).stdout.split()[0])
+    os.kill(child, signal.SIGKILL)
+    killed = wait_for(client, doomed.id, ("succeeded", "failed"))
+    assert killed.status == "failed" and killed.error.code == "out_of_memory", killed.error
+    after = client.fine_tuning.jobs.create(model="tiny", training_file=f.id, method=one_epoch)
+    assert wait_for(client, after.id, ("succeeded", "failed")).status == "succeeded"  # the same worker, still there
+
+
+def test_limits_and_percent_encoded_model_ids(tmp_path, tiny_lm_dir):
+    """Uploads over --max-upload-mb are 413; a base registered with a '/' in its name is found although the
+    client percent-encodes the '/'."""
+    from tests.serve.conftest import Service
+
+    service = Service(tmp_path / "storage", tiny_lm_dir)
+    service.storage.mkdir()
+    key = service.add_key("dave")
+    service.work = lambda: ["--model", f"org/tiny={tiny_lm_dir}", "--max-upload-mb", "0.001"]  # type: ignore[method-assign]
+    service.start(workers=0)
+    try:
+        client = _client(service, key)
+        with pytest.raises(openai.APIStatusError) as e:
+            client.files.create(file=("big.jsonl", io.BytesIO(chat_jsonl(40))), purpose="fine-tune")
+        assert e.value.status_code == 413 and e.value.body["code"] == "file_too_large"
+        assert client.models.retrieve("org/tiny").id == "org/tiny"
+        with pytest.raises(openai.PermissionDeniedError):
+            client.models.delete("org/tiny")
+        with pytest.raises(openai.NotFoundError):
+            client.models.retrieve("ft:org/tiny::ftjob-nope")
+    finally:
+        service.stop()
+
+
+def test_a_dpo_job_on_openai_preference_data(busy_service):
+    """``method: {type: "dpo", dpo: {hyperparameters: {beta}}}`` as OpenAI's API takes it, on OpenAI's preference
+    JSONL; the job trains with peftkit's DPO objective. A supervised job on pairs fails validation, naming why."""
+    service = busy_service
+    client = _client(service, service.add_key("erin"))
+    rows = [{"input": {"messages": [{"role": "user", "content": f"What colour is {t}? ({i})"}]},
+             "preferred_output": [{"role": "assistant", "content": c}],
+             "non_preferred_output": [{"role": "assistant", "content": "purple"}]}
+            for i, (t, c) in enumerate([("grass", "green"), ("snow", "white"), ("coal", "black")] * 4)]
+    data = "".join(json.dumps(r) + "\n" for r in rows).encode()
+    f = client.files.create(file=("prefs.jsonl", io.BytesIO(data)), purpose="fine-tune")
+    job = client.fine_tuning.jobs.create(model="tiny", training_file=f.id, method={
+        "type": "dpo", "dpo": {"hyperparameters": {"beta": 0.2, "n_epochs": 1, "batch_size": 4}}})
+    assert job.method.type == "dpo" and job.method.dpo.hyperparameters.beta == 0.2
+    done = wait_for(client, job.id, ("succeeded", "failed"))
+    assert done.status == "succeeded", done.error
+    config = (service.storage / "jobs" / job.id / "config.yaml").read_text()
+    assert "objective: dpo" in config and "beta: 0.2" in config
+    metrics = [json.loads(line) for line in (service.storage / "jobs" / job.id / "run" / "metrics.jsonl").open()]
+    assert any("rewards/margins" in m for m in metrics)
+    wrong = client.fine_tuning.jobs.create(model="tiny", training_file=f.id)
+    failed = wait_for(client, wrong.id, ("failed", "queued", "running", "succeeded"))
+    assert failed.status == "failed" and "a supervised job trains on examples with answers" in failed.error.message

@@ -147,11 +147,22 @@ def test_a_supervised_method_without_hyperparameters_is_all_auto(m):
     assert set(parse_request(body(method=m)).hyperparameters.values()) == {"auto"}
 
 
-@pytest.mark.parametrize(("m", "shown"), [({"type": "dpo"}, "'dpo'"), ({}, "None"), ("supervised", "'supervised'"),
-                                          ({"type": None}, "None")])
-def test_only_supervised_jobs_are_taken(m, shown):
+@pytest.mark.parametrize(("m", "shown"), [({"type": "reinforcement"}, "'reinforcement'"), ({}, "None"),
+                                          ("supervised", "'supervised'"), ({"type": None}, "None")])
+def test_only_supervised_and_dpo_jobs_are_taken(m, shown):
     e = refused(body(method=m))
-    assert (str(e), e.param) == (f"method.type {shown} is not supported here (use supervised)", "method.type")
+    assert (str(e), e.param) == (f"method.type {shown} is not supported here (use supervised, dpo)", "method.type")
+
+
+def test_dpo_jobs_take_beta_and_train_with_the_dpo_objective(tmp_path):
+    spec = parse_request(body(method={"type": "dpo", "dpo": {"hyperparameters": {"beta": 0.3, "n_epochs": 1}}}))
+    assert spec.kind == "dpo" and spec.hyperparameters["beta"] == 0.3
+    assert spec.resolve(40)["beta"] == 0.3
+    assert parse_request(body(method={"type": "dpo"})).resolve(40)["beta"] == 0.1  # "auto"
+    e = refused(body(method={"type": "dpo", "dpo": {"hyperparameters": {"beta": 3}}}))
+    assert e.param == "method.dpo.hyperparameters.beta"
+    e = refused(body(method={"type": "supervised", "supervised": {"hyperparameters": {"beta": 0.1}}}))
+    assert "beta is not a hyperparameter" in str(e)
 
 
 @pytest.mark.parametrize("supervised", [[1], "x"])

@@ -31,8 +31,9 @@ def _serve(sub: Any) -> None:
     p.add_argument("--workers", type=int, default=1, help="worker processes started with the server (0: none)")
     p.add_argument("--max-upload-mb", type=float, default=512, help="largest file upload accepted, in MB")
     p.set_defaults(handler=run_serve)
-    keys = p.add_subparsers(dest="serve_command", metavar="keys")
-    k = keys.add_parser("keys", help="API keys: add, list, revoke").add_subparsers(dest="keys_command", required=True)
+    keys = p.add_subparsers(dest="serve_command", metavar="keys", help="manage API keys (peftkit serve keys --help)")
+    k = keys.add_parser("keys", help="API keys: add, list, revoke").add_subparsers(
+        dest="keys_command", required=True, help="what to do with keys")
     for name, text in (("add", "make a key (printed alone on the last line)"), ("list", "list keys"),
                        ("revoke", "revoke a key")):
         q = k.add_parser(name, help=text)

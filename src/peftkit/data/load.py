@@ -46,10 +46,14 @@ def load_splits(train: str, validation: str | None = None, test: str | None = No
     from peftkit.data import builtin
 
     if train in builtin.BUILTIN_DATASETS:
-        if fmt not in ("auto", "alpaca"):
-            raise DataError(f"built-in dataset {train!r} is in alpaca format; data.format={fmt!r} does not apply")
+        own = builtin.data_format(train)
+        if fmt not in ("auto", own):
+            raise DataError(f"built-in dataset {train!r} is in {own} format; data.format={fmt!r} does not apply")
         parts = builtin.load_builtin(train)
-        splits = Splits(parts["train"], parts["validation"], parts["test"], "alpaca", builtin.label_options(train))
+        if own == "preference":  # to the normalized {messages, chosen, rejected} the encoder takes
+            for name, rows in parts.items():
+                validate(rows, [f"{train} {name} row {i}" for i in range(len(rows))], own)
+        splits = Splits(parts["train"], parts["validation"], parts["test"], own, builtin.label_options(train))
     else:
         if not _looks_like_path(train):
             known = ", ".join(builtin.BUILTIN_DATASETS)

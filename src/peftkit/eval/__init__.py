@@ -8,5 +8,5 @@ from __future__ import annotations
 
 from typing import Literal, get_args
 
-EvalTask = Literal["auto", "classification", "multiple_choice", "generation", "perplexity"]
+EvalTask = Literal["auto", "classification", "multiple_choice", "generation", "perplexity", "preference"]
 EVAL_TASKS: tuple[str, ...] = get_args(EvalTask)

@@ -87,8 +87,10 @@ def evaluate(
     if is_seq_cls(model):  # a classification head answers directly: accuracy of its arg-max class
         return _evaluate_head(model, tokenizer, data, task, split, limit, seed, batch_size, predictions_file, test)
     splits, task = _load_task(data, task, seed, test)
-    refs, queries = _queries(splits, data, split, limit, shots, seed, transform, log)
     tmpl = Template.create(tokenizer, template, splits.format)
+    if task == "preference":
+        return _evaluate_preference(model, tmpl, splits, data, split, limit, seed, batch_size)
+    refs, queries = _queries(splits, data, split, limit, shots, seed, transform, log)
     out: dict[str, Any] = {"task": task, "data": data, "split": split, "n": len(queries), "shots": shots}
     if split == "test" and splits.test_source:
         out["test_source"] = splits.test_source
@@ -190,9 +192,28 @@ def _load_task(data: str, task: str, seed: int, test: str | None = None) -> tupl
         splits.test_source = (f"{len(splits.train)} rows, too few to hold out a test split (files under "
                               f"{MIN_SPLIT_ROWS} rows are not split): scoring every row, training rows for a model "
                               "trained on this file")
+    if (task == "preference") != (splits.format == "preference") and task != "auto":
+        raise DataError(f"{data}: --task {task} does not fit {splits.format}-format data")
     if task == "auto":
-        task = "classification" if splits.label_options else "generation"
+        task = "preference" if splits.format == "preference" else \
+            "classification" if splits.label_options else "generation"
     return splits, task
+
+
+def _evaluate_preference(model: nn.Module, tmpl: Template, splits: Splits, data: str, split: str, limit: int | None,
+                         seed: int, batch_size: int) -> dict[str, Any]:
+    """Preference accuracy on ``split`` (the first ``limit`` pairs of a seeded shuffle)."""
+    import random
+
+    from peftkit.eval.preference import preference_accuracy
+
+    rows = list(getattr(splits, split))
+    random.Random(seed).shuffle(rows)
+    rows = rows[:limit] if limit else rows
+    out = {"task": "preference", "data": data, "split": split}
+    if split == "test" and splits.test_source:
+        out["test_source"] = splits.test_source
+    return {**out, **preference_accuracy(model, tmpl, rows, batch_size=batch_size)}
 
 
 def _is_multiple_choice_file(path: str) -> bool:

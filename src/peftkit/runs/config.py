@@ -206,6 +206,9 @@ class RunConfig:
         trust_remote_code: let transformers run Python code shipped in the model folder (off: such a
             model is refused). Only for folders you trust.
         eval: scoring after training: per-task test metrics and forgetting (off by default).
+        init_adapter: start from this saved adapter (peftkit's or PEFT's folder) and train it further, e.g. DPO
+            after SFT; its files decide the method and its settings (``method`` must name the same method). A
+            preference run's reference is then this adapter as it starts, frozen.
     """
 
     model: str = "smollm2-135m"
@@ -217,6 +220,7 @@ class RunConfig:
     overwrite: bool = False
     trust_remote_code: bool = False
     eval: EvalConfig = field(default_factory=EvalConfig)
+    init_adapter: str | None = None
 
     def __post_init__(self) -> None:
         self.method = method_from_dict(self.method)  # a {name: ..., ...} mapping given in code: resolved here

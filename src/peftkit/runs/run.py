@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 
 from peftkit.allocator import in_use, release_free_memory
-from peftkit.core.adapter import ParamCount, count_parameters
+from peftkit.core.adapter import ParamCount, count_parameters, get_state
 from peftkit.core.files import atomic_write_text
 from peftkit.core.inject import inject
 from peftkit.core.io import save_adapter
@@ -33,6 +33,7 @@ from peftkit.train import distributed
 from peftkit.train.checkpoint import CheckpointError, TrainState, list_checkpoints, write_error_message
 from peftkit.train.distributed import Dist, full_trainable_params
 from peftkit.train.loop import Batching, Trainer, Wiring
+from peftkit.train.loss import Objective
 from peftkit.train.shared_prefix import was_shared
 from peftkit.train.tracking import peak_memory_mb, plot_loss, reset_peak_memory
 
@@ -61,14 +62,39 @@ def prepare(cfg: RunConfig, attach: bool = True) -> Prepared:
     method_cfg = cfg.method_config()
     task = get_task(cfg.task)
     splits = task.load_splits(cfg) if not cfg.data.tasks else Splits([])  # data.tasks: each task loads its own
+    _check_objective(cfg, getattr(splits, "format", None))
     torch.manual_seed(cfg.train.seed)  # a new classification head is initialised while loading
     model, tokenizer = _load_model(cfg, **task.model_kwargs(splits))
     task.after_load(model, splits)
-    if attach:
+    if attach and cfg.init_adapter:
+        _continue_adapter(cfg, model)
+    elif attach:
         torch.manual_seed(cfg.train.seed)  # adapter init is part of the run's determinism
         inject(model, task.method_config(model, method_cfg))  # seq_cls: + the head, as modules_to_save
     template = Template.create(tokenizer, cfg.data.template, splits.format)
     return Prepared(model, tokenizer, template, splits, task)
+
+
+def _check_objective(cfg: RunConfig, data_format: str | None) -> None:
+    """The objective fits the data and the run (before the model loads)."""
+    from peftkit.runs.preference import objective_name
+
+    name = objective_name(cfg, data_format or "alpaca") if cfg.task == "causal_lm" else cfg.train.objective
+    if name not in ("sft", "auto") and (cfg.task != "causal_lm" or cfg.data.packing or cfg.data.tasks):
+        raise ConfigError(f"train.objective={name} needs task causal_lm with one preference dataset, unpacked")
+
+
+def _continue_adapter(cfg: RunConfig, model: nn.Module) -> None:
+    """``init_adapter``: attach the saved adapter, trainable; the run's method becomes the adapter's own config."""
+    from peftkit.core.io import load_adapter
+
+    load_adapter(model, cfg.init_adapter, trainable=True)
+    state = get_state(model)
+    loaded = state.configs[state.active[0]]
+    if loaded.method_name != cfg.method.method_name:
+        raise ConfigError(f"init_adapter {cfg.init_adapter} is a {loaded.method_name} adapter; method.name is "
+                          f"{cfg.method.method_name} (leave it out or name the same method)")
+    cfg.method = loaded
 
 
 def _load_model(cfg: RunConfig, **kwargs: Any) -> tuple[nn.Module, Any]:
@@ -295,9 +321,26 @@ def _wire_trainer(run: _Run, export: Callable[[Path], None], show_progress: bool
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     release_free_memory()  # what loading and quantizing freed goes back to the OS before the steps (jemalloc)
     batching = Batching(pad_id, cfg.data.packing, cfg.data.group_by_length, cfg.data.max_length)
-    wiring = Wiring(run.out, export, prep.task.objective, run.d, show_progress=show_progress,
+    wiring = Wiring(run.out, export, _objective(run, pad_id), run.d, show_progress=show_progress,
                     **(data.multi.trainer_kwargs() if data.multi is not None else {}))
     return Trainer(prep.model, data.train.examples, data.val.examples, cfg.train, batching, wiring)
+
+
+def _objective(run: _Run, pad_id: int) -> Objective:
+    """The task's objective, or a preference objective on pairs (with the reference computed up front where the
+    run needs it: runs/preference.py)."""
+    from peftkit.runs import preference
+
+    cfg, prep, data = run.cfg, run.prep, run.data
+    name = preference.objective_name(cfg, getattr(prep.splits, "format", None) or "alpaca") \
+        if cfg.task == "causal_lm" else "sft"
+    if name == "sft":
+        return prep.task.objective
+    if name not in preference.REFERENCE_FREE and preference.needs_precompute(cfg):
+        run.log("reference log-probabilities: computed once, before training")
+        for examples in (data.train.examples, data.val.examples):
+            preference.precompute_reference(prep.model, examples, pad_id, cfg.train.batch_size)
+    return preference.preference_objective(cfg, name)[0]
 
 
 def _fit(run: _Run, trainer: Trainer, resume: bool) -> TrainState:

@@ -90,6 +90,10 @@ class CausalLMTask:
         return method_cfg
 
     def encode(self, template: Template, tokenizer: Any, rows: list[dict[str, Any]], cfg: Any, splits: Any) -> Encoded:
+        if getattr(splits, "format", None) == "preference":  # pairs: both answers after one prompt
+            from peftkit.runs.preference import encode_pairs
+
+            return encode_pairs(template, rows, cfg.data.max_length)
         return encode_all(template, rows, cfg.data.max_length, cfg.data.train_on_prompt, cfg.data.chat_loss)
 
     def write_extras(self, path: Path, splits: Any) -> None:

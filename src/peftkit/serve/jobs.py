@@ -26,8 +26,8 @@ from typing import Any
 
 from peftkit.errors import ConfigError
 
-#: job types this service runs (``dpo`` arrives with preference tuning)
-METHOD_TYPES = ("supervised",)
+#: job types this service runs: supervised fine-tuning, and DPO on preference files (``train.objective=dpo``)
+METHOD_TYPES = ("supervised", "dpo")
 _SUFFIX = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 _HYPER = ("n_epochs", "batch_size", "learning_rate_multiplier")
 
@@ -53,10 +53,14 @@ class JobSpec:
     hyperparameters: dict[str, Any]
     method: dict[str, Any]  # the PEFT method, {"name": ..., ...}
     settings: dict[str, Any]
+    kind: str = "supervised"  # OpenAI's method.type
 
     def resolve(self, examples: int) -> dict[str, Any]:
-        """``n_epochs``, ``batch_size``, ``learning_rate_multiplier`` with every "auto" replaced."""
+        """``n_epochs``, ``batch_size``, ``learning_rate_multiplier`` (and DPO's ``beta``) with every "auto"
+        replaced."""
         h = dict(self.hyperparameters)
+        if h.get("beta") == "auto":
+            h["beta"] = 0.1
         if h["n_epochs"] == "auto":
             h["n_epochs"] = auto_epochs(examples)
         if h["batch_size"] == "auto":
@@ -100,8 +104,9 @@ def parse_request(body: Any) -> JobSpec:
     validation = body.get("validation_file")
     if validation is not None and not isinstance(validation, str):
         raise RequestError("validation_file must be a file id", "validation_file")
+    kind, hyper = _hyperparameters(body)
     return JobSpec(body["model"], body["training_file"], validation, suffix, seed, _metadata(body.get("metadata")),
-                   _hyperparameters(body), *_peftkit(body.get("peftkit")))
+                   hyper, *_peftkit(body.get("peftkit")), kind=kind)
 
 
 def _metadata(meta: Any) -> dict[str, str] | None:
@@ -115,27 +120,36 @@ def _metadata(meta: Any) -> dict[str, str] | None:
     return dict(meta)
 
 
-def _hyperparameters(body: dict[str, Any]) -> dict[str, Any]:
+def _hyperparameters(body: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    """``(method type, hyperparameters)``, each "auto" or checked."""
     method = body.get("method")
     given: Any = body.get("hyperparameters") or {}
-    param = "hyperparameters"
+    param, kind = "hyperparameters", "supervised"
     if method is not None:
         if not isinstance(method, dict) or method.get("type") not in METHOD_TYPES:
             kind = method.get("type") if isinstance(method, dict) else method
             raise RequestError(f"method.type {kind!r} is not supported here (use {', '.join(METHOD_TYPES)})",
                                "method.type")
-        supervised = method.get("supervised") or {}
-        if not isinstance(supervised, dict):
-            raise RequestError("method.supervised must be an object", "method.supervised")
-        given = supervised.get("hyperparameters") or {}
-        param = "method.supervised.hyperparameters"
+        kind = method["type"]
+        section = method.get(kind) or {}
+        if not isinstance(section, dict):
+            raise RequestError(f"method.{kind} must be an object", f"method.{kind}")
+        given = section.get("hyperparameters") or {}
+        param = f"method.{kind}.hyperparameters"
     if not isinstance(given, dict):
         raise RequestError(f"{param} must be an object", param)
-    unknown = sorted(set(given) - set(_HYPER))
+    names = _HYPER + (("beta",) if kind == "dpo" else ())
+    unknown = sorted(set(given) - set(names))
     if unknown:
-        raise RequestError(f"{param}.{unknown[0]} is not a hyperparameter (use {', '.join(_HYPER)})", param)
-    out = {k: given.get(k, "auto") for k in _HYPER}
-    checks = {"n_epochs": (int, 1, 50), "batch_size": (int, 1, 256), "learning_rate_multiplier": (float, 0.0, 10.0)}
+        raise RequestError(f"{param}.{unknown[0]} is not a hyperparameter (use {', '.join(names)})", param)
+    return kind, _checked(given, names, param)
+
+
+def _checked(given: dict[str, Any], names: tuple[str, ...], param: str) -> dict[str, Any]:
+    out = {k: given.get(k, "auto") for k in names}
+    checks = {"n_epochs": (int, 1, 50), "batch_size": (int, 1, 256), "learning_rate_multiplier": (float, 0.0, 10.0),
+              "beta": (float, 0.0, 2.0)}
+    checks = {k: v for k, v in checks.items() if k in names}
     for key, (kind, low, high) in checks.items():
         v = out[key]
         if v == "auto":
@@ -179,7 +193,8 @@ def run_config(job: Any, storage: Path, base_path: str, examples: int) -> dict[s
     ``max(1, steps // 10)`` steps, so a crash loses little)."""
     from peftkit.runs.config import apply_override
 
-    h = job.method["supervised"]["hyperparameters"]
+    kind = job.method["type"]
+    h = job.method[kind]["hyperparameters"]
     per_epoch = math.ceil(examples / h["batch_size"])
     steps = per_epoch * h["n_epochs"]
     files = Path(storage) / "files"
@@ -194,6 +209,8 @@ def run_config(job: Any, storage: Path, base_path: str, examples: int) -> dict[s
                   "save_every": min(per_epoch, max(1, steps // 10)), "keep_checkpoints": 3,
                   "log_every": max(1, steps // 100), "eval_every": 0},
     }
+    if kind == "dpo":
+        data["train"].update(objective="dpo", beta=h["beta"])
     if job.validation_file:
         data["data"]["validation"] = str(files / f"{job.validation_file}.jsonl")
         data["train"]["eval_every"] = per_epoch

@@ -28,7 +28,7 @@ def file_object(row: File) -> dict[str, Any]:
 
 
 def job_object(row: Job) -> dict[str, Any]:
-    hyper = row.method["supervised"]["hyperparameters"]
+    hyper = row.method[row.method["type"]]["hyperparameters"]
     return {
         "id": row.id, "object": "fine_tuning.job", "created_at": row.created_at, "error": row.error,
         "fine_tuned_model": row.fine_tuned_model, "finished_at": row.finished_at, "hyperparameters": hyper,
@@ -90,7 +90,7 @@ def new_job(s: Session, key: ApiKey, settings: ServeSettings, spec: JobSpec) -> 
     hyper = spec.resolve(files["training_file"].lines)
     job = Job(id=new_id("ftjob"), owner=key.id, model=spec.model, training_file=spec.training_file,
               validation_file=spec.validation_file, suffix=spec.suffix, seed=spec.seed, meta=spec.metadata,
-              method={"type": "supervised", "supervised": {"hyperparameters": hyper}},
+              method={"type": spec.kind, spec.kind: {"hyperparameters": hyper}},
               peftkit={"method": spec.method, "settings": spec.settings}, status="validating_files",
               created_at=now())
     s.add(job)
@@ -137,6 +137,10 @@ def _check_files(s: Session, settings: ServeSettings, job: Job) -> tuple[str, in
         if file_id is None:
             continue
         checked = check_lines(store.file_path(settings.storage, file_id).read_bytes())
+        pairs = job.method["type"] == "dpo"
+        if (checked.format == "preference") != pairs:
+            return (f"{param.replace('_', ' ')} holds {checked.format} examples; a {job.method['type']} job trains on "
+                    f"{'preference pairs' if pairs else 'examples with answers (chat, prompt/completion, alpaca)'}"), 0
         template = Template.create(tokenizer, cfg.data.template, checked.format or "chat")
         too_long, truncated = check_lengths(checked.rows, template, context, cfg.data.max_length, checked.lines)
         if too_long:

@@ -50,6 +50,16 @@ class TrainConfig:
             whose output it returns and the run is not distributed; elsewhere (an adapted or quantized head,
             soft-capped logits, DDP/FSDP) the plain loss runs anyway. ``false``: the training and validation
             losses are always the plain one.
+        objective: what the run minimises: ``auto`` (next-token prediction, or ``dpo`` for preference data),
+            ``sft``, or a preference objective on pairs: ``dpo``, ``ipo``, ``hinge``, ``orpo``, ``simpo``
+            (:mod:`peftkit.train.preference`).
+        beta: the preference objectives' β (DPO's temperature; ORPO's weight of the odds-ratio term).
+        label_smoothing: conservative DPO's ε (``dpo`` only), in [0, 0.5).
+        simpo_gamma: SimPO's target margin γ.
+        precompute_reference: compute the reference log-probabilities once, before training, with the model as
+            it starts (instead of one no-gradient forward with the adapters switched off each step). Always done
+            for methods that change base tensors (full, selective, BitFit, linear probe) and for a run that starts
+            from an adapter (the reference is then that adapter, frozen).
     """
 
     max_steps: int = 200
@@ -73,8 +83,16 @@ class TrainConfig:
     on_nan: Literal["stop", "skip"] = "stop"
     optimizer: Literal["adamw", "adamw_8bit", "paged_adamw_8bit"] = "adamw"
     fused_loss: bool = True
+    objective: Literal["auto", "sft", "dpo", "ipo", "hinge", "orpo", "simpo"] = "auto"
+    beta: float = 0.1
+    label_smoothing: float = 0.0
+    simpo_gamma: float = 0.5
+    precompute_reference: bool = False
 
     def __post_init__(self) -> None:
+        check(self.beta > 0 and math.isfinite(self.beta), f"train.beta must be a finite number > 0, got {self.beta}")
+        check(0 <= self.label_smoothing < 0.5, f"train.label_smoothing must be in [0, 0.5), got {self.label_smoothing}")
+        check(math.isfinite(self.simpo_gamma), f"train.simpo_gamma must be finite, got {self.simpo_gamma}")
         check(self.threads is None or self.threads > 0, f"train.threads must be > 0, got {self.threads}")
         check(isinstance(self.fused_loss, bool), f"train.fused_loss must be true or false, got {self.fused_loss!r}")
         check(self.optimizer in ("adamw", "adamw_8bit", "paged_adamw_8bit"),

@@ -372,6 +372,7 @@ class Trainer:
                 "epoch": s.epoch,
                 "peak_memory_mb": round(peak_memory_mb(self.device), 1),
                 "rss_mb": round(rss, 1),
+                **(self.objective.metrics() if self.objective.metrics is not None else {}),
             })
             self._window = LogWindow()
         last_step = s.step == cfg.max_steps

@@ -143,11 +143,14 @@ class Objective:
         loss_sum: ``(model, batch) -> (summed loss, count)``; the loop divides by the count over the whole step.
         count: how many items ``loss_sum`` sums over in a batch (known before the forward: for gradient accumulation).
         collate: ``(examples, pad_id) -> batch`` of tensors.
+        metrics: ``() -> {name: value}`` of what the objective saw since it was last asked (logged with the loss:
+            e.g. the preference objectives' rewards), or None.
     """
 
     loss_sum: Callable[[nn.Module, dict[str, torch.Tensor]], tuple[torch.Tensor, int]]
     count: Callable[[dict[str, torch.Tensor]], int]
     collate: Callable[[Sequence[Example], int], dict[str, torch.Tensor]] = pad_batch
+    metrics: Callable[[], dict[str, float]] | None = None
 
 
 def _next_token_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
