@@ -16,7 +16,7 @@ import pytest
 from peftkit.data import builtin
 from peftkit.data.builtin import BUILTIN_DATASETS, SPLITS, label_options, load_builtin
 
-KEY_FIELD = {"rotten-tomatoes": "input", "chatterbot": "instruction"}  # the text a split is grouped by
+KEY_FIELD = {"rotten-tomatoes": "input", "chatterbot": "instruction", "chatterbot-preference": "prompt"}  # split by
 
 
 def _digest(records: list[dict]) -> str:
@@ -25,8 +25,9 @@ def _digest(records: list[dict]) -> str:
 
 
 def test_known_datasets_and_unknown_name() -> None:
-    assert list(BUILTIN_DATASETS) == ["rotten-tomatoes", "chatterbot"]
-    with pytest.raises(ValueError, match="unknown built-in dataset 'imdb': known ones are rotten-tomatoes, chatterbot"):
+    assert list(BUILTIN_DATASETS) == ["rotten-tomatoes", "chatterbot", "chatterbot-preference"]
+    with pytest.raises(ValueError, match="unknown built-in dataset 'imdb': known ones are rotten-tomatoes, chatterbot, "
+                                         "chatterbot-preference"):
         load_builtin("imdb")
     with pytest.raises(ValueError, match="known ones are"):
         label_options("imdb")
@@ -63,8 +64,8 @@ def test_splits_are_disjoint_without_duplicates(name: str) -> None:
     assert not set(keys["train"]) & set(keys["validation"])
     assert not set(keys["train"]) & set(keys["test"])
     assert not set(keys["validation"]) & set(keys["test"])
-    pairs = [(builtin._norm(r["instruction"] + r["input"]), builtin._norm(r["output"]))
-             for rows in splits.values() for r in rows]
+    pairs = [(builtin._norm(r["instruction"] + r["input"]), builtin._norm(r["output"])) if "output" in r else
+             (builtin._norm(r["prompt"]), builtin._norm(r["chosen"])) for rows in splits.values() for r in rows]
     assert len(pairs) == len(set(pairs))
 
 

@@ -152,11 +152,16 @@ def _chatterbot_preference() -> list[Record]:
     """Each chatterbot pair with a response from another topic as the rejected answer: fluent, but not an answer
     to this prompt (what a preference should teach the model to rank lower)."""
     records = _chatterbot_topics()
+    norms = [_norm(r["output"]) for r in records]
+    topics = sorted({r["topic"] for r in records})
+    pools = {t: [i for i, r in enumerate(records) if r["topic"] != t] for t in topics}  # other topics' answers
     out = []
-    for r in records:
-        others = [o["output"] for o in records if o["topic"] != r["topic"] and _norm(o["output"]) != _norm(r["output"])]
-        pick = int(hashlib.sha256(r["instruction"].encode("utf-8")).hexdigest(), 16) % len(others)
-        out.append({"prompt": r["instruction"], "chosen": r["output"], "rejected": others[pick]})
+    for i, r in enumerate(records):
+        pool = pools[r["topic"]]
+        pick = int(hashlib.sha256(r["instruction"].encode("utf-8")).hexdigest(), 16) % len(pool)
+        while norms[pool[pick]] == norms[i]:  # the same words under another topic: not a different answer
+            pick = (pick + 1) % len(pool)
+        out.append({"prompt": r["instruction"], "chosen": r["output"], "rejected": records[pool[pick]]["output"]})
     return out
 
 

@@ -141,10 +141,11 @@ def _compare(before: dict[str, Any], after: dict[str, Any]) -> dict[str, Any]:
 
 
 def default_tasks(trained: Sequence[str]) -> list[str]:
-    """The first built-in task a run did not train on, classification first (cheap to score)."""
-    from peftkit.data.builtin import BUILTIN_DATASETS, label_options
+    """The first built-in task a run did not train on, classification first (cheap to score); preference pairs
+    are not a task to score forgetting on."""
+    from peftkit.data.builtin import BUILTIN_DATASETS, data_format, label_options
 
-    others = [name for name in BUILTIN_DATASETS if name not in trained]
+    others = [name for name in BUILTIN_DATASETS if name not in trained and data_format(name) != "preference"]
     others.sort(key=lambda name: label_options(name) is None)
     return others[:1]
 
