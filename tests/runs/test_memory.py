@@ -368,3 +368,23 @@ def test_fused_loss_peak_is_what_the_predictor_counts(positions):
     measured = (after - before) * MB
     predicted = head_loss_bytes(1, positions, 49152, 4, fused=True, checked_apart=True)
     assert abs(measured - predicted) / predicted < 0.1, (measured / MB, predicted / MB)
+
+
+def test_preference_pairs_are_measured_as_one_batch_of_both_answers():
+    pairs = [{"input_ids": [1] * 10, "labels": [IGNORE] * 6 + [1] * 4,
+              "rejected_input_ids": [1] * 14, "rejected_labels": [IGNORE] * 6 + [1] * 8} for _ in range(4)]
+    [shape] = measure_shapes(pairs, batch_size=4, shared=True, steps=1)
+    assert (shape.rows, shape.width, shape.labelled, shape.shared_prefix, shape.pairs) == (8, 14, 6, 0, True)  # (4+8)/2
+
+
+#: DPO on the built-in pairs (LoRA on q/k/v/o, 4 pairs a batch, rows up to 128 tokens, the reference a forward
+#: with the adapters off): the full logits of 8 rows are kept, unlike next-token runs
+DPO = ["method.target_modules=[q_proj,k_proj,v_proj,o_proj]", "data.train=chatterbot-preference", "train.max_steps=4",
+       "train.eval_every=0", "train.save_every=0", "train.warmup_steps=0", "train.batch_size=4", "data.max_length=128",
+       "data.max_train_examples=16", "data.max_validation_examples=4", "train.threads=1"]
+
+
+@pytest.mark.slow
+def test_prediction_matches_peak_rss_smollm2_dpo(tmp_path):
+    predicted, measured = _train_peak(tmp_path, ["method.name=lora", *DPO])
+    assert abs(predicted - measured) / measured < 0.25, (predicted, measured)

@@ -164,6 +164,7 @@ class BatchShape:
     labelled: int
     shared_prefix: int = 0
     source: str = "assumed"
+    pairs: bool = False  # a preference batch: the head's full logits are kept (train/preference.py)
 
 
 def assumed_shape(cfg: RunConfig, why: str = "") -> BatchShape:
@@ -206,9 +207,12 @@ def measure_shapes(examples: Sequence[dict[str, list[int]]], batch_size: int, sh
             break
         batches += accumulated_batches(lengths, batch_size, grad_accum, seed, epoch, group_by_length)
     shapes = set()
+    pairs = "rejected_input_ids" in examples[0]  # preference pairs: one batch of 2B rows, never split
     for batch in batches if steps is None else batches[:steps * grad_accum]:
-        if not batch:
-            continue  # an epoch's short last step is padded with empty micro-batches
+        if pairs and batch:
+            shapes.add(_pair_shape([examples[i] for i in batch]))
+        if not batch or pairs:
+            continue  # (an epoch's short last step is padded with empty micro-batches)
         groups = padding_groups([lengths[i] for i in batch], _common_prefix([ids[i] for i in batch])) \
             if split_padding and len(batch) > 1 else [list(range(len(batch)))]
         for group in groups:
@@ -219,7 +223,16 @@ def measure_shapes(examples: Sequence[dict[str, list[int]]], batch_size: int, sh
             shapes.add((len(rows), width, max(-(-labelled // len(rows)), 1), prefix))
     keys = {s: _size_key(*s) for s in shapes}
     largest = [s for s in shapes if not any(o != s and _covers(keys[o], keys[s]) for o in shapes)]
-    return tuple(BatchShape(*s, source=source) for s in sorted(largest, key=lambda s: keys[s], reverse=True))
+    return tuple(BatchShape(*s, source=source, pairs=pairs) for s in sorted(largest, key=lambda s: keys[s],
+                                                                            reverse=True))
+
+
+def _pair_shape(batch: Sequence[dict[str, list[int]]]) -> tuple[int, int, int, int]:
+    """A preference micro-batch (train/preference.py): the chosen and the rejected sequences padded together."""
+    rows = [(e["input_ids"], e["labels"]) for e in batch] + [(e["rejected_input_ids"], e["rejected_labels"])
+                                                              for e in batch]
+    labelled = sum(sum(1 for x in lab[1:] if x != IGNORE) for _, lab in rows)
+    return len(rows), max(len(ids) for ids, _ in rows), max(-(-labelled // len(rows)), 1), 0
 
 
 def measure_shape(examples: Sequence[dict[str, list[int]]], batch_size: int, shared: bool,
@@ -641,8 +654,11 @@ def _activation_bytes(hf: Any, cfg: RunConfig, model: nn.Module, first: int, sha
         layers = len(keep) * positions * h * 4 + (one if len(keep) else 0)
     else:
         layers = max(len(keep), 1) * frozen + trained  # with nothing kept, one frozen layer is still in flight in forward
-    logits = head_loss_bytes(b, min(shape.labelled, t), v, elem, fused_loss_applies(cfg, model),
-                             checked_apart=shape.shared_prefix > 0)
+    if shape.pairs:  # (2B, T, V) logits and their gradient, and an fp32 log-softmax (+ gradient) where labelled
+        logits = b * t * v * elem * 2 + b * min(shape.labelled, t) * v * 4 * 2
+    else:
+        logits = head_loss_bytes(b, min(shape.labelled, t), v, elem, fused_loss_applies(cfg, model),
+                                 checked_apart=shape.shared_prefix > 0)
     return float(layers + logits)
 
 
