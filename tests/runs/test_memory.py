@@ -379,7 +379,7 @@ def test_preference_pairs_are_measured_as_one_batch_of_both_answers():
 
 #: DPO on the built-in pairs (LoRA on q/k/v/o, 4 pairs a batch, rows up to 128 tokens, the reference a forward
 #: with the adapters off): the full logits of 8 rows are kept, unlike next-token runs
-DPO = ["method.target_modules=[q_proj,k_proj,v_proj,o_proj]", "data.train=chatterbot-preference", "train.max_steps=4",
+DPO = ["method.target_modules=[q_proj,k_proj,v_proj,o_proj]", "data.train=chatterbot-preference", "train.max_steps=2",
        "train.eval_every=0", "train.save_every=0", "train.warmup_steps=0", "train.batch_size=4", "data.max_length=128",
        "data.max_train_examples=16", "data.max_validation_examples=4", "train.threads=1"]
 

@@ -166,7 +166,7 @@ def test_a_job_whose_training_fails_or_is_killed_fails_alone(busy_service):
 
     service = busy_service
     client = _client(service, service.add_key("carol"))
-    f = client.files.create(file=("c.jsonl", io.BytesIO(chat_jsonl(240))), purpose="fine-tune")
+    f = client.files.create(file=("c.jsonl", io.BytesIO(chat_jsonl(120))), purpose="fine-tune")
     bad = client.fine_tuning.jobs.create(model="tiny", training_file=f.id,
                                          extra_body={"peftkit": {"settings": {"train.lr": 1.0e30}}})
     failed = wait_for(client, bad.id, ("succeeded", "failed"))

@@ -78,7 +78,7 @@ def test_every_malformed_line_is_reported_not_only_the_first():
     ("null", "data_type", "expected a JSON object, got NoneType"),
     ('{"foo": 1}', "unknown_format", ("cannot tell the data format from fields ['foo']; expected one of "
                                       "instruction/output (alpaca), messages or conversations (chat), "
-                                      "prompt/completion, or text")),
+                                      "prompt/completion, text, or prompt/chosen/rejected (preference)")),
     ('{"messages": [{"role": "bot", "content": "x"}, {"role": "assistant", "content": "y"}]}', "unrecognized_role",
      "messages[0]: role 'bot' does not exist (use system, user, assistant, tool)"),
     ('{"messages": [{"role": "user", "content": "hi"}, {"content": "y"}]}', "unrecognized_role",
