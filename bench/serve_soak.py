@@ -34,20 +34,10 @@ def rss_mb(pid: int) -> float:
 
 
 def tiny_base(folder: Path) -> Path:
-    import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    sys.path.insert(0, str(Path(__file__).parent))
+    from soak import random_llama
 
-    from peftkit.models import resolve_model
-
-    tok = AutoTokenizer.from_pretrained(resolve_model("smollm2-135m"), local_files_only=True)
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                      tie_word_embeddings=True, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-                      pad_token_id=tok.pad_token_id)
-    LlamaForCausalLM(cfg).save_pretrained(folder)
-    tok.save_pretrained(folder)
-    return folder
+    return random_llama(folder, hidden=32, intermediate=64, layers=2, positions=512)
 
 
 def chat(n: int) -> bytes:
@@ -137,7 +127,8 @@ def write(args: argparse.Namespace, result: dict) -> None:
     lines = [f"`.venv/bin/python bench/serve_soak.py --requests {args.requests} --jobs {args.jobs} --name {args.name}`",
              "", f"server RSS after {req[warm]['i']} requests: {server[warm]:,.0f} MB; after {req[-1]['i']}: "
              f"{server[-1]:,.0f} MB ({summary['server_growth_percent']:+.1f}%); {req[-1]['s']:.0f} s for the requests",
-             f"worker RSS after job 2: {worker[1] if len(worker) > 1 else float('nan'):,.0f} MB; after job {len(worker)}: "
+             f"worker RSS after job 2: {worker[1] if len(worker) > 1 else float('nan'):,.0f} MB; "
+             f"after job {len(worker)}: "
              f"{worker[-1] if worker else float('nan'):,.0f} MB ({summary['worker_growth_percent']}%); "
              f"{summary['jobs_succeeded']}/{len(jobs)} jobs succeeded", "",
              "| requests | server RSS MB |", "|---:|---:|", *[f"| {r['i']} | {r['server_mb']:,.1f} |" for r in req], "",

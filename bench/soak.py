@@ -68,7 +68,11 @@ def allocator_env(name: str) -> dict[str, str | None]:
 
 def small_llama() -> Path:
     """A 4-layer, 256-wide random Llama with SmolLM2's tokenizer, saved once under the work folder."""
-    folder = WORK / "small-llama"
+    return random_llama(WORK / "small-llama", hidden=256, intermediate=688, layers=4, positions=2048)
+
+
+def random_llama(folder: Path, hidden: int, intermediate: int, layers: int, positions: int) -> Path:
+    """A random Llama of these sizes with SmolLM2's tokenizer, saved to ``folder`` (kept if already there)."""
     if (folder / "config.json").is_file():
         return folder
     import torch
@@ -78,10 +82,10 @@ def small_llama() -> Path:
 
     tok = AutoTokenizer.from_pretrained(resolve_model("smollm2-135m"))
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=256, intermediate_size=688, num_hidden_layers=4,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
-                      tie_word_embeddings=True, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-                      pad_token_id=tok.pad_token_id)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=hidden, intermediate_size=intermediate,
+                      num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+                      max_position_embeddings=positions, tie_word_embeddings=True, bos_token_id=tok.bos_token_id,
+                      eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
     LlamaForCausalLM(cfg).save_pretrained(folder)
     tok.save_pretrained(folder)
     return folder

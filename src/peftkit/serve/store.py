@@ -140,8 +140,11 @@ def add_event(s: Session, job_id: str, message: str, level: str = "info", type_:
     """Log an event; a metrics event for a step the job has logged already is skipped (False)."""
     s.add(Event(id=new_id("ftevent"), job_id=job_id, created_at=now(), level=level, message=message, type=type_,
                 data=data, step=step))
-    if not commit:
-        return True
+    return _commit_new(s) if commit else True
+
+
+def _commit_new(s: Session) -> bool:
+    """Commit what was added; False (and nothing kept) when a unique index says it exists already."""
     try:
         s.commit()
     except IntegrityError:
@@ -238,12 +241,7 @@ def heartbeat(s: Session, job_id: str, worker: str) -> str | None:
 
 def add_checkpoint(s: Session, job_id: str, step: int, metrics: dict[str, Any]) -> bool:
     s.add(Checkpoint(id=new_id("ftckpt"), job_id=job_id, step=step, created_at=now(), metrics=metrics))
-    try:
-        s.commit()
-    except IntegrityError:
-        s.rollback()
-        return False
-    return True
+    return _commit_new(s)
 
 
 def drop_checkpoints(s: Session, job_id: str, keep: set[int]) -> None:
