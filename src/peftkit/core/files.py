@@ -37,6 +37,21 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
         raise
 
 
+@contextlib.contextmanager
+def file_lock(path: str | os.PathLike) -> Iterator[None]:
+    """Hold an exclusive ``flock`` on ``path`` (created if missing): one process at a time makes a shared file."""
+    import fcntl
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
 def refuse_overlap(out: str | os.PathLike, inputs: dict[str, str | os.PathLike]) -> None:
     """Refuse an output folder that is one of the ``inputs`` (``{option: folder}``), or contains or lies inside
     one: writing it (``--overwrite`` replaces the whole folder) would destroy what is being read.

@@ -77,7 +77,7 @@ def forgetting_report(
     def measure(m: nn.Module) -> dict[str, dict[str, Any]]:
         return _scores(m, tokenizer, tasks, text_path, max_tokens, max_examples, template, seed, window, max_new_tokens)
 
-    with _base_of(model, base) as (base_model, how):
+    with base_of(model, base) as (base_model, how):
         before = measure(base_model)
     after = measure(model)
     scores = {key: _compare(before[key], after[key]) for key in after}
@@ -85,7 +85,7 @@ def forgetting_report(
 
 
 @contextlib.contextmanager
-def _base_of(model: nn.Module, base: BaseModel) -> Iterator[tuple[nn.Module, str]]:
+def base_of(model: nn.Module, base: BaseModel) -> Iterator[tuple[nn.Module, str]]:
     """The base to score "before" on: ``model`` with its adapters off, else ``base`` (loaded if a function)."""
     in_place = _in_place_adapters(model)
     has_adapters = getattr(model, STATE_ATTR, None) is not None or any(True for _ in adapter_layers(model))

@@ -46,6 +46,20 @@ def token_f1(predictions: Sequence[str], references: Sequence[str]) -> float:
     return sum(scores) / max(len(scores), 1)
 
 
+def per_example_scores(metric: str, predictions: Sequence[str], references: Sequence[str]) -> list[float]:
+    """Each example's share of ``metric`` (its mean over the examples is the metric): 1/0 for ``accuracy``, the
+    ROUGE-L F-measure for ``rougeL``; what intervals and paired tests resample (eval/stats.py)."""
+    _same_length(predictions, references)
+    if metric == "accuracy":
+        return [1.0 if p == r else 0.0 for p, r in zip(predictions, references)]
+    if metric != "rougeL":
+        raise ValueError(f"no per-example form of {metric!r}")
+    from rouge_score import rouge_scorer
+
+    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
+    return [scorer.score(r, p)["rougeL"].fmeasure for p, r in zip(predictions, references)]
+
+
 def rouge(predictions: Sequence[str], references: Sequence[str]) -> dict[str, float]:
     """Mean ROUGE-1/2/L F-measures (stemmed), from the ``rouge-score`` package."""
     from rouge_score import rouge_scorer

@@ -17,7 +17,7 @@ def preference_accuracy(model: nn.Module, template: Template, rows: list[dict[st
                         batch_size: int = 8) -> dict[str, Any]:
     """``{"n", "preference_accuracy", "mean_margin"}`` over ``rows`` (normalized pairs, ``data.preference``);
     the margin is log p(chosen) − log p(rejected), averaged. Ties count as wrong."""
-    from peftkit.train.preference import pair_collate, sequence_logps
+    from peftkit.train.preference import pair_collate, pair_logps
 
     pad = template.tokenizer.pad_token_id if template.tokenizer.pad_token_id is not None else \
         template.tokenizer.eos_token_id
@@ -30,7 +30,7 @@ def preference_accuracy(model: nn.Module, template: Template, rows: list[dict[st
         for s in range(0, len(examples), batch_size):
             part = examples[s:s + batch_size]
             batch = {k: v.to(device) for k, v in pair_collate(part, pad).items()}
-            logps = sequence_logps(model, batch)[0]
+            logps = pair_logps(model, batch)[0]
             margins += (logps[: len(part)] - logps[len(part):]).tolist()
     finally:
         model.train(was)

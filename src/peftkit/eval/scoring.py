@@ -62,6 +62,7 @@ def evaluate(
     transform: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
     test: str | None = None,
     log: Callable[[str], None] | None = None,
+    per_example: bool = False,
 ) -> dict[str, Any]:
     """Score ``model`` on ``split`` of ``data`` (the first ``limit`` examples of a seeded shuffle).
 
@@ -75,8 +76,8 @@ def evaluate(
     instruction a multi-task run trained with (:func:`peftkit.data.mixture.with_instruction`).
 
     Returns:
-        ``{"task", "data", "split", "n", "shots", <metrics>...}``; per-example predictions go to
-        ``predictions_file`` (JSONL) when given.
+        ``{"task", "data", "split", "n", "shots", <metrics>...}`` (+ ``per_example``: each example's accuracy 1/0
+        or ROUGE-L, when asked); per-example predictions go to ``predictions_file`` (JSONL) when given.
     """
     _check_task_and_split(task, split)
     if task == "perplexity" or (task == "auto" and Path(data).suffix == ".txt"):
@@ -96,6 +97,10 @@ def evaluate(
         out["test_source"] = splits.test_source
     preds, metrics = _predict(model, tmpl, task, queries, refs, splits, batch_size, max_new_tokens, seed)
     out.update(metrics)
+    if per_example:  # each example's score, in query order: for intervals and paired tests (eval/stats.py)
+        from peftkit.eval.metrics import per_example_scores
+
+        out["per_example"] = per_example_scores("accuracy" if "accuracy" in metrics else "rougeL", preds, refs)
     if predictions_file is not None:
         _write_predictions(predictions_file, [{"prompt": tmpl.prompt_text(q), "reference": ref, "prediction": p}
                                               for q, ref, p in zip(queries, refs, preds)])

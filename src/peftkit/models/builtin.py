@@ -17,21 +17,20 @@ The cache is `$PEFTKIT_CACHE/models/<alias>`, `$PEFTKIT_CACHE` defaulting to `~/
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import importlib.util
 import io
 import json
 import os
 import shutil
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, get_args
 
 import torch
 
-from peftkit.core.files import atomic_dir
+from peftkit.core.files import atomic_dir, file_lock
 from peftkit.errors import AdapterFileError, ConfigError
 
 if TYPE_CHECKING:
@@ -126,6 +125,23 @@ def resolve_model(name_or_path: str | os.PathLike) -> Path:
     raise ConfigError(
         f"unknown model {name!r}: not a built-in alias ({aliases}) nor a local Hugging Face model folder"
     )
+
+
+def source_gguf(name_or_path: str | os.PathLike) -> Path | None:
+    """The GGUF file a model came from: a GGUF built-in's own file, for its alias or for its converted cache
+    folder; None for any other model (its tokenizer's GGUF-only facts, such as llama.cpp's pre-tokenizer name,
+    are then unknown)."""
+    name = str(name_or_path)
+    if name not in BUILTIN_MODELS:
+        marker = _read_marker(Path(name).expanduser())
+        name = marker.get("alias", "") if isinstance(marker, dict) else ""
+    entry = BUILTIN_MODELS.get(name)
+    if entry is None or not entry.file.endswith(".gguf"):
+        return None
+    try:
+        return _package_dir(entry) / entry.file
+    except ModuleNotFoundError:
+        return None
 
 
 def default_model(adapters: Sequence[str | os.PathLike] = ()) -> str:
@@ -284,7 +300,7 @@ def _converted(alias: str, gguf: Path) -> Path:
               "conversion_version": _CONVERSION_VERSION}
     if _read_marker(dest) == marker:
         return dest
-    with _file_lock(dest.parent / f".{alias}.lock"):
+    with file_lock(dest.parent / f".{alias}.lock"):
         if _read_marker(dest) != marker:  # another process may have converted meanwhile
             for stale in dest.parent.glob(f".{alias}.tmp-*"):  # left by a killed conversion
                 shutil.rmtree(stale, ignore_errors=True)
@@ -297,17 +313,6 @@ def _read_marker(folder: Path) -> dict | None:
         return json.loads((folder / _MARKER).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
-
-
-@contextlib.contextmanager
-def _file_lock(path: Path) -> Iterator[None]:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def _convert_gguf(gguf: Path, dest: Path, marker: dict) -> None:

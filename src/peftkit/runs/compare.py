@@ -109,7 +109,7 @@ def compare(cfg: CompareConfig, log=print) -> dict[str, Any]:
         rows = []
         for k in cfg.eval.shots:
             log(f"base model, {k}-shot ...")
-            res = evaluate(model, tok, cfg.data.train, limit=cfg.eval.limit, shots=k, log=log,
+            res = evaluate(model, tok, cfg.data.train, limit=cfg.eval.limit, shots=k, log=log, per_example=True,
                            **_test_args(cfg))
             rows.append({"label": f"{cfg.model} {k}-shot", "kind": "in-context", "shots": k, "metric": _metric(res), **res})
         base = {"rows": rows, "perplexity": _forgetting(model, tok, cfg.eval), "latency_ms": _latency(model, tok, cfg)}
@@ -150,7 +150,7 @@ def _score_run(run_cfg: RunConfig, cfg: CompareConfig, evaluate, log=print) -> d
         model, tok = load_model_with_adapter(str(adapter))
     else:
         model, tok = load_model_with_adapter(run_cfg.model, str(adapter))
-    res = evaluate(model, tok, cfg.data.train, limit=cfg.eval.limit, log=log, **_test_args(cfg))
+    res = evaluate(model, tok, cfg.data.train, limit=cfg.eval.limit, log=log, per_example=True, **_test_args(cfg))
     scored = {"metric": _metric(res), **res, "perplexity": _forgetting(model, tok, cfg.eval),
               "latency_ms": _latency(model, tok, cfg), "latency_merged_ms": None,
               "adapter_bytes": sum(f.stat().st_size for f in adapter.rglob("*") if f.is_file())}
@@ -202,7 +202,8 @@ def build_report(cfg: CompareConfig, runs: list[tuple[str, RunConfig]], base: di
                      "trainable_params": 0, "trainable_percent": 0.0, "adapter_bytes": 0, "peak_memory_mb": None,
                      "predicted_memory_mb": None,
                      "train_time_s": None, "tokens_per_s": None, "latency_ms": base["latency_ms"],
-                     "latency_merged_ms": None, "perplexity": base["perplexity"], "perplexity_change": 0.0})
+                     "latency_merged_ms": None, "perplexity": base["perplexity"], "perplexity_change": 0.0,
+                     "n": b.get("n"), "per_example": b.get("per_example")})
     from peftkit.train.tracking import read_metrics
 
     for label, run_cfg in runs:
@@ -223,13 +224,97 @@ def build_report(cfg: CompareConfig, runs: list[tuple[str, RunConfig]], base: di
             "perplexity": ppl,
             "perplexity_change": (ppl - base["perplexity"]) if ppl is not None and base["perplexity"] else None,
             "loss_curve": [(m["step"], m["loss"]) for m in metrics if "loss" in m],
+            "n": ev.get("n"), "per_example": ev.get("per_example"),
         })
+    add_uncertainty(rows)
     return {"model": cfg.model, "data": cfg.data.train, "test_examples": cfg.eval.limit,
-            "steps": cfg.train.max_steps, "batch_size": cfg.train.batch_size, "rows": rows}
+            "steps": cfg.train.max_steps, "batch_size": cfg.train.batch_size, "rows": rows,
+            "recommendation": recommendation(rows)}
+
+
+LEVEL = 0.95  # of every interval; a difference from the best is called one below p = 1 - LEVEL
+
+
+def add_uncertainty(rows: list[dict[str, Any]]) -> None:
+    """Give each row ``interval`` (95%: exact binomial for accuracy, bootstrap over test examples for ROUGE-L) and,
+    against the best-scoring row on the same test examples, ``p_vs_best`` (McNemar's exact test for accuracy, the
+    sign-flip test for ROUGE-L) and ``vs_best`` in words; the per-example scores are used, then dropped."""
+    from peftkit.eval.stats import binomial_interval, bootstrap_interval, mcnemar_test, paired_permutation_test
+
+    for row in rows:
+        scores, n = row.get("per_example"), row.get("n")
+        if row["metric"] == "accuracy" and n:
+            k = round(sum(scores)) if scores else round(row["value"] * n)  # an older eval.json: from the mean
+            row["interval"] = list(binomial_interval(k, n, LEVEL))
+        elif scores and len(scores) > 1:
+            row["interval"] = list(bootstrap_interval(scores, LEVEL))
+        else:
+            row["interval"] = None
+    best = max(rows, key=lambda r: r["value"], default=None)
+    for row in rows:
+        a, b = row.get("per_example"), best.get("per_example") if best else None
+        if row is best:
+            row["p_vs_best"], row["vs_best"] = None, "best"
+        elif not a or not b or len(a) != len(b):
+            row["p_vs_best"], row["vs_best"] = None, "-"
+        else:
+            p = mcnemar_test([x > 0.5 for x in a], [x > 0.5 for x in b]) if row["metric"] == "accuracy" \
+                else paired_permutation_test(a, b)
+            row["p_vs_best"] = p
+            row["vs_best"] = f"{'worse' if p < 1 - LEVEL else 'not distinguishable'} (p={p:.2g})"
+    for row in rows:
+        row.pop("per_example", None)
+
+
+#: the costs a recommendation weighs: row key, words, unit formatter
+COSTS = (("peak_memory_mb", "peak memory", lambda v: f"{v:,.0f} MB"),
+         ("trainable_params", "trainable parameters", lambda v: f"{v:,}"),
+         ("train_time_s", "training time", lambda v: f"{v:,.0f} s"),
+         ("latency", "inference latency", lambda v: f"{v:,.1f} ms"))
+
+
+def pareto_front(rows: list[dict[str, Any]], cost: str) -> list[str]:
+    """Labels of the fine-tuned rows no other beats on both quality (higher) and ``cost`` (lower)."""
+    pts = [(r["label"], r["value"], _cost(r, cost)) for r in rows if r["kind"] == "fine-tuned" and _cost(r, cost) is not None]
+    return [a for a, qa, ca in pts
+            if not any((qb >= qa and cb <= ca) and (qb > qa or cb < ca) for _, qb, cb in pts)]
+
+
+def _cost(row: dict[str, Any], cost: str) -> float | None:
+    if cost == "latency":  # what serving costs: merged where the method merges
+        return row.get("latency_merged_ms") or row.get("latency_ms")
+    return row.get(cost)
+
+
+def recommendation(rows: list[dict[str, Any]]) -> list[str]:
+    """Plain sentences from the table: the best score, which methods the test cannot tell from it, and among those
+    the cheapest in each cost; the Pareto fronts (quality vs. each cost)."""
+    tuned = [r for r in rows if r["kind"] == "fine-tuned"]
+    if not tuned:
+        return []
+    best = max(rows, key=lambda r: r["value"])
+    ties = [r for r in tuned if r is best or r.get("vs_best", "").startswith("not distinguishable")]
+    iv = best.get("interval")
+    lines = [f"Best {best['metric']}: {best['label']}, {best['value']:.3f}"
+             + (f" (95% interval {iv[0]:.3f}-{iv[1]:.3f})" if iv else "") + "."]
+    others = [r["label"] for r in ties if r is not best]
+    lines.append(f"Not distinguishable from it on these test examples: {', '.join(others)}." if others else
+                 "Every other method scores lower than the best by more than chance explains (p < 0.05).")
+    if best["kind"] != "fine-tuned":
+        lines.append(f"The best row is the untouched model ({best['label']}): fine-tuning did not beat it here.")
+    for key, words, fmt in COSTS:
+        priced = [r for r in ties if _cost(r, key) is not None]
+        if len(priced) > 1:
+            cheap = min(priced, key=lambda r: _cost(r, key))
+            lines.append(f"Among those, the least {words}: {cheap['label']} ({fmt(_cost(cheap, key))}).")
+        front = pareto_front(rows, key)
+        if front:
+            lines.append(f"Pareto front, {best['metric']} vs. {words}: {', '.join(front)}.")
+    return lines
 
 
 COLUMNS = [
-    ("label", "method"), ("value", "test {metric}"), ("trainable_params", "trainable params"),
+    ("label", "method"), ("value", "test {metric}"), ("interval", "95% interval"), ("vs_best", "vs. the best"), ("trainable_params", "trainable params"),
     ("trainable_percent", "% of model"), ("adapter_bytes", "adapter size"), ("peak_memory_mb", "peak memory (MB)"),
     ("predicted_memory_mb", "predicted memory (MB)"),
     ("train_time_s", "train time (s)"), ("tokens_per_s", "tokens/s"), ("latency_ms", "latency unmerged (ms)"),
@@ -240,6 +325,8 @@ COLUMNS = [
 def _fmt(key: str, v: Any) -> str:
     if v is None:
         return "-"
+    if key == "interval":
+        return f"{v[0]:.3f}-{v[1]:.3f}"
     if key == "adapter_bytes":
         return f"{v / 1024:,.0f} KiB" if v else "-"
     if key == "trainable_params":
@@ -266,9 +353,11 @@ def write_report(out: Path, report: dict[str, Any]) -> None:
     """report.json, report.md, three PNG plots and a self-contained report.html."""
     atomic_write_text(out / "report.json", json.dumps(report, indent=2))
     plots = _plots(out, report)
+    advice = "".join(f"- {line}\n" for line in report.get("recommendation") or [])
     md = (f"# Method comparison: {report['model']} on {report['data']}\n\n"
           f"{report['steps']} steps x batch {report['batch_size']} per method; {report['test_examples']} test examples.\n\n"
-          + markdown_table(report) + "\n\n" + "".join(f"![{p.stem}]({p.name})\n" for p in plots))
+          + markdown_table(report) + "\n\n" + (f"## Recommendation\n\n{advice}\n" if advice else "")
+          + "".join(f"![{p.stem}]({p.name})\n" for p in plots))
     atomic_write_text(out / "report.md", md)
     atomic_write_text(out / "report.html", _html(report, plots))
 
@@ -326,6 +415,8 @@ def _html(report: dict[str, Any], plots: list[Path]) -> str:
                    for r in report["rows"])
     imgs = "".join(f'<img alt="{p.stem}" src="data:image/png;base64,{base64.b64encode(p.read_bytes()).decode()}">'
                    for p in plots)
+    advice = "".join(f"<li>{html.escape(line)}</li>" for line in report.get("recommendation") or [])
+    imgs = (f"<h2>Recommendation</h2><ul>{advice}</ul>" if advice else "") + imgs
     title = html.escape(f"Method comparison: {report['model']} on {report['data']}")
     return (f"<!doctype html><html><head><meta charset='utf-8'><title>{title}</title><style>"
             "body{font-family:sans-serif;margin:2em}table{border-collapse:collapse}td,th{border:1px solid #ccc;"

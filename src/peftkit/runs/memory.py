@@ -210,7 +210,7 @@ def measure_shapes(examples: Sequence[dict[str, list[int]]], batch_size: int, sh
     pairs = "rejected_input_ids" in examples[0]  # preference pairs: one batch of 2B rows, never split
     for batch in batches if steps is None else batches[:steps * grad_accum]:
         if pairs and batch:
-            shapes.add(_pair_shape([examples[i] for i in batch]))
+            shapes.add(_pair_shape([examples[i] for i in batch], shared))
         if not batch or pairs:
             continue  # (an epoch's short last step is padded with empty micro-batches)
         groups = padding_groups([lengths[i] for i in batch], _common_prefix([ids[i] for i in batch])) \
@@ -227,12 +227,19 @@ def measure_shapes(examples: Sequence[dict[str, list[int]]], batch_size: int, sh
                                                                             reverse=True))
 
 
-def _pair_shape(batch: Sequence[dict[str, list[int]]]) -> tuple[int, int, int, int]:
-    """A preference micro-batch (train/preference.py): the chosen and the rejected sequences padded together."""
+def _pair_shape(batch: Sequence[dict[str, list[int]]], shared: bool) -> tuple[int, int, int, int]:
+    """A preference micro-batch (train/preference.py): the chosen and the rejected sequences padded together; with
+    ``shared``, the prompt every pair runs once (:mod:`peftkit.train.pair_prompt`: the shortest pair's, when it is
+    at least ``MIN_PREFIX`` tokens) as the prefix."""
+    from peftkit.train.shared_prefix import MIN_PREFIX
+
     rows = [(e["input_ids"], e["labels"]) for e in batch] + [(e["rejected_input_ids"], e["rejected_labels"])
                                                               for e in batch]
     labelled = sum(sum(1 for x in lab[1:] if x != IGNORE) for _, lab in rows)
-    return len(rows), max(len(ids) for ids, _ in rows), max(-(-labelled // len(rows)), 1), 0
+    width = max(len(ids) for ids, _ in rows)
+    prompt = min(_shared_prefix([e["input_ids"], e["rejected_input_ids"]], [e["labels"], e["rejected_labels"]],
+                                width) for e in batch) if shared else 0
+    return len(rows), width, max(-(-labelled // len(rows)), 1), prompt if prompt >= MIN_PREFIX else 0
 
 
 def measure_shape(examples: Sequence[dict[str, list[int]]], batch_size: int, shared: bool,
@@ -641,9 +648,10 @@ def _activation_bytes(hf: Any, cfg: RunConfig, model: nn.Module, first: int, sha
     n_layers = int(getattr(hf, "num_hidden_layers", 1))
     v = int(hf.vocab_size)
     elem = 2 if cfg.train.precision == "bf16" else 4  # matmul outputs follow autocast; norms and residuals fp32
+    once = b // 2 * p if shape.pairs else p  # a preference batch runs each pair's prompt once, others one prefix
     rest = b * (t - p)  # positions run per row; the P shared ones run once, their keys/values repeated per row
-    positions = rest + p
-    kv_positions = b * kv_len + p  # keys/values: every row's full length (the repeated prefix too) + the prefix pass
+    positions = rest + once
+    kv_positions = b * kv_len + once  # keys/values: every row's full length (the repeated prefix too) + the prefix pass
     frozen = positions * (4 * 2 * h + elem * (2 * h + 3 * i)) + kv_positions * elem * 2 * h + rest * kv_len * 4
     extra = _trained_inputs(model, h, i)
     keep = range(first, n_layers)
@@ -654,8 +662,8 @@ def _activation_bytes(hf: Any, cfg: RunConfig, model: nn.Module, first: int, sha
         layers = len(keep) * positions * h * 4 + (one if len(keep) else 0)
     else:
         layers = max(len(keep), 1) * frozen + trained  # with nothing kept, one frozen layer is still in flight in forward
-    if shape.pairs:  # (2B, T, V) logits and their gradient, and an fp32 log-softmax (+ gradient) where labelled
-        logits = b * t * v * elem * 2 + b * min(shape.labelled, t) * v * 4 * 2
+    if shape.pairs:  # (2B, T-P, V) logits and their gradient, and an fp32 log-softmax (+ gradient) where labelled
+        logits = b * (t - p) * v * elem * 2 + b * min(shape.labelled, t) * v * 4 * 2
     else:
         logits = head_loss_bytes(b, min(shape.labelled, t), v, elem, fused_loss_applies(cfg, model),
                                  checked_apart=shape.shared_prefix > 0)

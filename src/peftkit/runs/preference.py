@@ -28,7 +28,7 @@ from peftkit.train.preference import (
     PreferenceLoss,
     pair_collate,
     pair_count,
-    sequence_logps,
+    pair_logps,
 )
 
 
@@ -81,7 +81,7 @@ def adapters_off_logps(model: nn.Module, batch: dict[str, torch.Tensor]) -> torc
     from peftkit.core.adapter import disable_adapters
 
     with disable_adapters(model):
-        return sequence_logps(model, batch)[0]
+        return pair_logps(model, batch)[0]
 
 
 @torch.no_grad()
@@ -95,7 +95,7 @@ def precompute_reference(model: nn.Module, examples: list[dict[str, Any]], pad_i
         for s in range(0, len(examples), batch_size):
             part = examples[s:s + batch_size]
             batch = {k: v.to(device) for k, v in pair_collate(part, pad_id).items()}
-            logps = sequence_logps(model, batch)[0].double().cpu()
+            logps = pair_logps(model, batch)[0].double().cpu()
             for i, e in enumerate(part):
                 e["ref_chosen"], e["ref_rejected"] = float(logps[i]), float(logps[len(part) + i])
     finally:

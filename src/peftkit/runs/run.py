@@ -34,6 +34,7 @@ from peftkit.train.checkpoint import CheckpointError, TrainState, list_checkpoin
 from peftkit.train.distributed import Dist, full_trainable_params
 from peftkit.train.loop import Batching, Trainer, Wiring
 from peftkit.train.loss import Objective
+from peftkit.train import pair_prompt
 from peftkit.train.shared_prefix import was_shared
 from peftkit.train.tracking import peak_memory_mb, plot_loss, reset_peak_memory
 
@@ -358,7 +359,8 @@ def _batch_shape(run: _Run, trainer: Trainer) -> tuple[BatchShape, ...] | None:
     if cfg.task != "causal_lm" or cfg.data.packing:
         return None
     t = cfg.train
-    return measure_shapes(run.data.train.examples, t.batch_size, was_shared(trainer.net), seed=t.seed,
+    shared = was_shared(trainer.net) or pair_prompt.was_shared(trainer.net)  # next-token / preference runs
+    return measure_shapes(run.data.train.examples, t.batch_size, shared, seed=t.seed,
                           steps=t.max_steps, grad_accum=t.grad_accum, group_by_length=cfg.data.group_by_length)
 
 

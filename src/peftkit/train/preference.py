@@ -72,6 +72,16 @@ def sequence_logps(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[to
     return rows.sum(dim=1), mask.sum(dim=1)
 
 
+def pair_logps(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`sequence_logps`, with each pair's prompt run once where that is the same computation
+    (:mod:`peftkit.train.pair_prompt`)."""
+    from peftkit.train.pair_prompt import applies, pair_prompt_logps
+
+    if applies(model, batch):
+        return pair_prompt_logps(model, batch)
+    return sequence_logps(model, batch)
+
+
 @dataclass
 class PreferenceLoss:
     """The objective's loss function (``(model, batch) -> (summed loss over pairs, pairs)``), its settings, and the
@@ -95,9 +105,11 @@ class PreferenceLoss:
     _pairs: int = field(default=0, repr=False)
 
     def __call__(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
-        logps, counts = sequence_logps(model, batch)
+        # the reference first: its no-grad forward's logits are freed before the policy's activations exist
+        ref = self._reference(model, batch)
+        logps, counts = pair_logps(model, batch)
         b = pair_count(batch)
-        per_pair, rewards = self.pair_losses(logps, counts, self._reference(model, batch), batch)
+        per_pair, rewards = self.pair_losses(logps, counts, ref, batch)
         if model.training:  # validation batches are not the training metrics
             self._record(logps.detach(), rewards, b)
         return per_pair.sum(), b

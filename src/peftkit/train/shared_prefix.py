@@ -109,12 +109,14 @@ def was_shared(model: nn.Module) -> bool:
 
 
 def checked(model: nn.Module, plain_loss: Callable[[], tuple[torch.Tensor, int]],
-            shared_loss: Callable[[], tuple[torch.Tensor, int]]) -> bool:
-    """First use on ``model``: compare the shared-prefix loss with the plain one (no gradients); remembered.
+            shared_loss: Callable[[], tuple[torch.Tensor, int]],
+            memo: weakref.WeakKeyDictionary[nn.Module, bool] = _CHECKED) -> bool:
+    """First use on ``model``: compare the shared-prefix loss with the plain one (no gradients); remembered in
+    ``memo`` (one per lever).
 
     Both callables return ``(summed loss, label count)`` on the same (small) batch.
     """
-    ok = _CHECKED.get(model)
+    ok = memo.get(model)
     if ok is not None:
         return ok
     with torch.no_grad():
@@ -129,5 +131,5 @@ def checked(model: nn.Module, plain_loss: Callable[[], tuple[torch.Tensor, int]]
     if not ok:
         warnings.warn(f"shared-prefix forward gave loss {b:.6g} vs {a:.6g} for the plain forward on "
                       f"{type(model).__name__}: using the plain forward", stacklevel=3)
-    _CHECKED[model] = ok
+    memo[model] = ok
     return ok
